@@ -6,9 +6,18 @@ from __future__ import annotations
 class DeltaSamplingError(RuntimeError):
     """Delta Sampling cannot produce a correct result; the message says why and what to change."""
 
+    http_status = 500
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        # The webui's API error handler answers with the exception's own ``status_code`` attribute (else 500).
+        self.status_code = self.http_status
+
 
 class ParamError(DeltaSamplingError, ValueError):
     """A Delta Sampling setting is invalid. ``field`` names the setting (its API name)."""
+
+    http_status = 422
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")

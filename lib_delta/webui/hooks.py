@@ -1,0 +1,350 @@
+"""Delta Sampling during a webui generation: the per-job state, the CFG denoiser callbacks, and loud failures.
+
+Flow: the script's ``process()`` calls :func:`begin_job`, which validates the settings, loads the source pair and puts
+a :class:`DeltaJob` on ``p``. The webui's CFG callbacks fire for every job of the process; they act only where ``p``
+carries a job. ``on_cfg_denoiser`` notes the sampler's ``x`` and ``sigma`` of the call (the last B rows of the batched
+input are exactly them) and ``on_cfg_after_cfg`` adds ``lambda * delta`` to the CFG-combined prediction: x0 for the
+k-diffusion and LCM samplers, eps for DDIM/PLMS/UniPC. Both fire inside one ``CFGDenoiser.forward``, which is how the
+after-CFG callback, which gets no ``p``, knows the call: ``_pending`` holds it from one to the other, nothing more.
+
+The webui catches every exception in script hooks and callbacks and returns images without the effect. A DS failure
+therefore stops sampling at once (``InterruptedException``, which the sampler treats as an interrupt) and is re-raised
+by a wrapper around ``p.sample``, outside every ``except``: the API answers with an HTTP error naming the problem, the
+UI shows it, and no image claims DS it did not get.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..delta import source_delta
+from ..errors import DeltaSamplingError, ParamError
+from ..latent import LatentFormat, LatentMap
+from ..params import SETTINGS, DeltaParams
+from ..schedule import LambdaSchedule, guard_delta
+from ..timesteps import DiscreteSchedule, vp_to_ve, x0_delta_to_eps
+from .legs import LegConds, LegRequest, PromptSet, SourceLegs, encode_legs
+from .source_models import CACHE, SourcePair, latent_format_of
+
+JOB_ATTR = "delta_sampling_job"
+XYZ_ATTR = "delta_sampling_xyz"
+"""Per-cell overrides set by the XYZ axes: a dict of setting name -> value, replaced (never mutated) per cell."""
+
+INFOTEXT_KEYS = [s.infotext for s in SETTINGS] + ["Delta LoRA hashes", "Delta error"]
+
+
+@dataclass
+class PassState:
+    """One sampling pass (a CFGDenoiser instance): its conditioning, its space and its reusable delta."""
+
+    active: bool
+    eps_space: bool = False
+    conds: LegConds | None = None
+    schedule: DiscreteSchedule | None = None
+    last_delta: torch.Tensor | None = None  # target-space x0 delta of the last computed call
+    calls_in_window: int = 0
+
+
+@dataclass
+class DeltaJob:
+    """Delta Sampling for one ``process_images`` call (one XYZ cell)."""
+
+    params: DeltaParams
+    pair: SourcePair | None = None
+    error: BaseException | None = None
+    passes: dict[int, tuple[weakref.ref, PassState]] = field(default_factory=dict)
+    cond_cache: dict[PromptSet, LegConds] = field(default_factory=dict)
+    schedule: LambdaSchedule | None = None
+    source_calls: int = 0  # how many denoiser calls ran the source legs (tests and the bench read it)
+    reused_calls: int = 0
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def finish(self) -> None:
+        """Release per-generation state; the models stay in the cache (or go, by the residency setting)."""
+        if self.pair is not None:
+            self.pair.release()
+            self.pair = None
+            CACHE.park()
+        self.passes.clear()
+        self.cond_cache.clear()
+
+
+# --- job set-up ----------------------------------------------------------------------------------------------------
+
+
+def begin_job(p: Any, args: tuple) -> None:
+    """Called from the script's ``process()``: set up DS for this generation, or make sure nothing of it remains."""
+    _clear_infotext(p)
+    previous = p.__dict__.pop(JOB_ATTR, None)
+    if previous is not None:
+        previous.finish()
+    try:
+        params = DeltaParams.from_api(args)
+        overrides = getattr(p, XYZ_ATTR, None)
+        if overrides:
+            params = params.replace(**overrides)
+    except ParamError as exc:
+        if _asks_enabled(args, getattr(p, XYZ_ATTR, None)):
+            _install(p, DeltaJob(DeltaParams(), error=exc))
+        else:
+            print(f"Delta Sampling: ignoring invalid settings of a disabled job: {exc}")
+        return
+    if not params.enabled:
+        return
+    job = DeltaJob(params)
+    _install(p, job)
+    if not params.effective:
+        p.extra_generation_params.update(params.infotext())
+        return
+    try:
+        job.pair = CACHE.pair(params)
+        job.schedule = params.lambda_schedule()
+        _write_infotext(p, job)
+        if job.pair.loaded_now:
+            print(f"Delta Sampling: loaded {', '.join(job.pair.loaded_now)}")
+        else:
+            print("Delta Sampling: source models from cache, nothing loaded")
+    except Exception as exc:  # surfaced by the p.sample wrapper, see the module docstring
+        job.fail(exc)
+
+
+def _asks_enabled(args: tuple, overrides: dict | None) -> bool:
+    if overrides and overrides.get("enabled") is True:
+        return True
+    if args and isinstance(args[0], dict):
+        return args[0].get("enabled") is True
+    return bool(args) and args[0] is True
+
+
+def _clear_infotext(p: Any) -> None:
+    # XYZ cells share one extra_generation_params dict: a key left by an earlier cell would lie in this one.
+    for key in INFOTEXT_KEYS:
+        p.extra_generation_params.pop(key, None)
+
+
+def _write_infotext(p: Any, job: DeltaJob) -> None:
+    pair = job.pair
+    entries = job.params.infotext()
+    entries["Delta source"] = pair.base.info.title
+    if job.params.adapted:
+        entries["Delta adapted"] = pair.adapted.info.title
+    if pair.loras:
+        hashes = [f"{net.name}: {getattr(getattr(net, 'on_disk', None), 'shorthash', '') or 'unknown'}"
+                  for net, _ in pair.loras]
+        entries["Delta LoRA hashes"] = ", ".join(hashes)
+    p.extra_generation_params.update(entries)
+
+
+def _install(p: Any, job: DeltaJob) -> None:
+    setattr(p, JOB_ATTR, job)
+    original = type(p).sample.__get__(p, type(p))  # the class's method: never wrap an XYZ parent's wrapper
+
+    def sample_with_delta_sampling(*args: Any, **kwargs: Any) -> Any:
+        try:
+            if job.error is None:
+                result = original(*args, **kwargs)
+            if job.error is not None:
+                raise _public_error(job.error)
+            return result
+        except BaseException:
+            job.finish()
+            raise
+
+    p.sample = sample_with_delta_sampling
+
+
+def _public_error(exc: BaseException) -> BaseException:
+    """The error as users see it: DS's own errors as they are, anything else wrapped with context."""
+    if isinstance(exc, DeltaSamplingError):
+        return exc
+    wrapped = DeltaSamplingError(f"Delta Sampling failed: {type(exc).__name__}: {exc}")
+    wrapped.__cause__ = exc
+    return wrapped
+
+
+def end_job(p: Any) -> None:
+    """Called from the script's ``postprocess()`` (a failed job already finished in the wrapper)."""
+    job = p.__dict__.pop(JOB_ATTR, None)
+    if job is not None:
+        job.finish()
+    sample = p.__dict__.get("sample")
+    if sample is not None and getattr(sample, "__name__", "") == "sample_with_delta_sampling":
+        del p.__dict__["sample"]
+
+
+# --- per pass ------------------------------------------------------------------------------------------------------
+
+
+def _prompt_set(p: Any, params: DeltaParams, is_hr: bool) -> PromptSet:
+    from modules import extra_networks, sd_samplers
+
+    if is_hr:
+        prompts, negatives = p.hr_prompts, p.hr_negative_prompts
+        width, height = p.hr_upscale_to_x, p.hr_upscale_to_y
+        config = sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
+        hr_steps = p.hr_second_pass_steps or p.steps
+        hires_steps = config.total_steps(hr_steps) if config else hr_steps
+    else:
+        prompts, negatives = p.prompts, p.negative_prompts
+        width, height, hires_steps = p.width, p.height, None
+    if params.source_prompt:
+        text = extra_networks.parse_prompts([params.source_prompt])[0][0]
+        prompts = [text] * len(prompts)
+    if params.source_negative_prompt:
+        negatives = [params.source_negative_prompt] * len(negatives)
+    return PromptSet(tuple(prompts), tuple(negatives), int(width), int(height), int(p.firstpass_steps), hires_steps)
+
+
+def _pass_state(job: DeltaJob, denoiser: Any) -> PassState:
+    entry = job.passes.get(id(denoiser))
+    if entry is not None and entry[0]() is denoiser:
+        return entry[1]
+    from modules import sd_samplers_timesteps
+
+    p = denoiser.p
+    is_hr = bool(getattr(p, "is_hr_pass", False))
+    state = PassState(active=not (is_hr and not job.params.hires))
+    if state.active:
+        prompts = _prompt_set(p, job.params, is_hr)
+        conds = job.cond_cache.get(prompts)
+        if conds is None:
+            conds = job.cond_cache[prompts] = encode_legs(job.pair, prompts)
+        state.conds = conds
+        state.eps_space = isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps)
+        if state.eps_space:
+            state.schedule = DiscreteSchedule(p.sd_model.alphas_cumprod.detach().double().cpu())
+    job.passes[id(denoiser)] = (weakref.ref(denoiser), state)
+    return state
+
+
+def _target_skips_uncond(denoiser: Any, sigma0: float) -> bool:
+    """The webui's own decision (``CFGDenoiser.forward``), evaluated for the same call."""
+    from modules import shared
+
+    opts = shared.opts
+    if opts.skip_early_cond != 0.0 and denoiser.step / denoiser.total_steps <= opts.skip_early_cond:
+        return True
+    s_min_uncond = denoiser.sampler.sampler_extra_args.get("s_min_uncond", 0) or 0
+    return bool((denoiser.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0 and sigma0 < s_min_uncond)
+
+
+# --- callbacks -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    job: DeltaJob
+    state: PassState
+    denoiser: Any
+    x: torch.Tensor
+    sigma: torch.Tensor
+    scale: float
+
+
+class _PendingCall:
+    """The current ``CFGDenoiser.forward`` call between its two callbacks; the second one takes and clears it."""
+
+    call: _Call | None = None
+
+
+_pending = _PendingCall()
+
+
+def _interrupt() -> BaseException:
+    from modules.sd_samplers_common import InterruptedException
+
+    return InterruptedException()
+
+
+def on_cfg_denoiser(params: Any) -> None:
+    _pending.call = None
+    denoiser = params.denoiser
+    job = getattr(getattr(denoiser, "p", None), JOB_ATTR, None)
+    if job is None or job.pair is None:
+        if job is not None and job.error is not None:
+            raise _interrupt()
+        return
+    if job.error is not None:
+        raise _interrupt()  # stop the sampler at once; the p.sample wrapper raises the error
+    try:
+        state = _pass_state(job, denoiser)
+        if not state.active:
+            return
+        scale = job.schedule.at_step(denoiser.step, denoiser.total_steps)
+        if scale == 0:
+            return
+        uncond = params.text_uncond
+        batch = (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0]
+        _pending.call = _Call(job, state, denoiser, params.x[-batch:], params.sigma[-batch:], scale)
+    except Exception as exc:
+        job.fail(exc)
+        raise _interrupt() from exc
+
+
+def on_cfg_after_cfg(params: Any) -> None:
+    call, _pending.call = _pending.call, None
+    if call is None:
+        return
+    try:
+        params.x = _apply(call, params.x)
+    except Exception as exc:
+        call.job.fail(exc)
+        raise _interrupt() from exc
+
+
+def _target_format() -> LatentFormat:
+    from modules import shared
+
+    return latent_format_of(shared.sd_model)
+
+
+def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
+    job, state, denoiser, params = call.job, call.state, call.denoiser, call.job.params
+    latent_map = LatentMap.between(_target_format(), job.pair.latent_format)
+    if state.eps_space:
+        x, sigma = vp_to_ve(call.x.double(), call.sigma.double(), state.schedule)
+        x, sigma = x.to(denoised.dtype), sigma.to(denoised.dtype)
+        target_x0 = x - sigma.view(-1, 1, 1, 1) * denoised
+    else:
+        x, sigma, target_x0 = call.x, call.sigma, denoised
+
+    reuse = state.last_delta is not None and state.calls_in_window % params.reuse_steps != 0
+    state.calls_in_window += 1
+    if reuse:
+        delta = state.last_delta
+        job.reused_calls += 1
+    else:
+        request = LegRequest(
+            step=denoiser.step,
+            cond_scale=params.source_cfg_scale or (denoiser.sampler.sampler_extra_args["cond_scale"]
+                                                   * denoiser.cond_scale_miltiplier),
+            skip_uncond=_target_skips_uncond(denoiser, float(call.sigma[0])),
+            cond_only=params.cond_only,
+            batch_legs=params.batch_legs,
+        )
+        legs = SourceLegs(job.pair, state.conds, request)
+        delta = source_delta(x, sigma, legs, latent_map)
+        state.last_delta = delta
+        job.source_calls += 1
+
+    scaled = guard_delta(call.scale * delta, target_x0, params.guard)
+    if denoiser.mask is not None:
+        scaled = scaled * denoiser.nmask  # only where the image is regenerated
+    if state.eps_space:
+        return denoised + x0_delta_to_eps(scaled, sigma)
+    return denoised + scaled.to(denoised.dtype)
+
+
+def register_callbacks() -> None:
+    """Register the CFG callbacks (called once per script load; the webui clears callbacks before reloading)."""
+    from modules import script_callbacks
+
+    script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name="delta_sampling")
+    script_callbacks.on_cfg_after_cfg(on_cfg_after_cfg, name="delta_sampling")

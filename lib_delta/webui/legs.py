@@ -1,0 +1,201 @@
+"""The source legs inside the webui: their own text conditioning, and their CFG-combined x0 predictions.
+
+Each leg mirrors what the webui's ``CFGDenoiser.forward`` does for the target, on the source model: the same prompt
+schedule (built with the same step counts and reconstructed at the same denoiser call), the same AND-prompt layout and
+CFG combine, the same "skip the uncond" decisions (NGMS, skip early CFG), rows with different token lengths in
+separate calls. So with the target checkpoint as the source base, the base leg reproduces the target's prediction.
+
+The two legs of a LoRA pair run on one model: base rows and adapted rows go through one batched forward with the LoRA
+applied to the adapted rows only (``RuntimeLora`` in ``rows_from`` mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .source_models import LoadedCheckpoint, SourcePair
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The texts and schedule parameters of one pass, as the webui builds them for the target."""
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    width: int
+    height: int
+    steps: int
+    hires_steps: int | None
+
+
+@dataclass
+class LegConds:
+    """Prompt schedules of both legs (``MulticondLearnedConditioning`` and lists of ``ScheduledPromptConditioning``)."""
+
+    base_cond: Any
+    base_uncond: Any
+    adapted_cond: Any
+    adapted_uncond: Any
+
+
+def _encode(model: torch.nn.Module, prompts: PromptSet) -> tuple[Any, Any]:
+    from modules import devices, prompt_parser, shared
+
+    texts = prompt_parser.SdConditioning(list(prompts.prompts), width=prompts.width, height=prompts.height)
+    negatives = prompt_parser.SdConditioning(list(prompts.negative_prompts), width=prompts.width,
+                                             height=prompts.height, is_negative_prompt=True)
+    use_old = shared.opts.use_old_scheduling
+    with devices.autocast(), torch.no_grad():
+        uncond = prompt_parser.get_learned_conditioning(model, negatives, prompts.steps, prompts.hires_steps, use_old)
+        cond = prompt_parser.get_multicond_learned_conditioning(model, texts, prompts.steps, prompts.hires_steps,
+                                                                use_old)
+    return cond, uncond
+
+
+def encode_legs(pair: SourcePair, prompts: PromptSet) -> LegConds:
+    """Both legs' conditioning, each from its own text encoder (the adapted one with its LoRAs merged)."""
+    base_cond, base_uncond = _encode(pair.base.model, prompts)
+    if pair.adapted is not pair.base:
+        merged = pair.merged_text_encoder_loras()
+        try:
+            adapted_cond, adapted_uncond = _encode(pair.adapted.model, prompts)
+        finally:
+            if merged is not None:
+                merged.restore()
+    elif pair.has_text_encoder_loras():
+        merged = pair.merged_text_encoder_loras()
+        try:
+            adapted_cond, adapted_uncond = _encode(pair.adapted.model, prompts)
+        finally:
+            merged.restore()
+    else:
+        adapted_cond, adapted_uncond = base_cond, base_uncond
+    return LegConds(base_cond, base_uncond, adapted_cond, adapted_uncond)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+
+def _cat(conds: list[Any]) -> Any:
+    if isinstance(conds[0], dict):
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return torch.cat(conds)
+
+
+def _length(cond: Any) -> tuple:
+    tensor = cond["crossattn"] if isinstance(cond, dict) else cond
+    return tuple(tensor.shape[1:])
+
+
+@dataclass
+class _Segment:
+    """Rows to denoise with one conditioning tensor, on the adapted side or not."""
+
+    x: torch.Tensor
+    sigma: torch.Tensor
+    cond: Any
+    adapted: bool
+    out: torch.Tensor | None = None
+
+
+def _condition_dict(cond: Any) -> dict:
+    if isinstance(cond, dict):  # sgm (SDXL): {"crossattn", "vector"}
+        return dict(cond)
+    return {"c_crossattn": [cond]}
+
+
+def _run_segments(checkpoint: LoadedCheckpoint, segments: list[_Segment], runtime_lora: Any) -> None:
+    """Denoise every segment, batching those with equal token lengths; base rows first, adapted rows after them."""
+    groups: dict[tuple, list[_Segment]] = {}
+    for seg in segments:
+        groups.setdefault(_length(seg.cond), []).append(seg)
+    for group in groups.values():
+        group.sort(key=lambda s: s.adapted)  # stable: base segments first
+        x = torch.cat([s.x for s in group])
+        sigma = torch.cat([s.sigma for s in group])
+        cond = _cat([s.cond for s in group])
+        n_base = sum(s.x.shape[0] for s in group if not s.adapted)
+        if runtime_lora is None:
+            out = checkpoint.denoiser(x, sigma, cond=_condition_dict(cond))
+        else:
+            if n_base == 0:
+                mode, split = "all", None
+            elif n_base == x.shape[0]:
+                mode, split = "off", None
+            else:
+                mode, split = "rows_from", n_base
+            with runtime_lora.scoped(mode, split):
+                out = checkpoint.denoiser(x, sigma, cond=_condition_dict(cond))
+        start = 0
+        for seg in group:
+            seg.out = out[start:start + seg.x.shape[0]]
+            start += seg.x.shape[0]
+
+
+def _combine(cond_out: torch.Tensor, uncond_out: torch.Tensor, conds_list: list, cond_scale: float) -> torch.Tensor:
+    """The webui's ``CFGDenoiser.combine_denoised``: per image, uncond + sum of weighted (cond_j - uncond) * scale."""
+    denoised = uncond_out.clone()
+    for i, conds in enumerate(conds_list):
+        for cond_index, weight in conds:
+            denoised[i] += (cond_out[cond_index] - uncond_out[i]) * (weight * cond_scale)
+    return denoised
+
+
+@dataclass
+class LegRequest:
+    """What one denoiser call of the target asks of the source pair."""
+
+    step: int  # the target denoiser's call counter: picks the prompt-schedule stage
+    cond_scale: float
+    skip_uncond: bool  # the target skipped its uncond rows at this call (NGMS / skip early CFG)
+    cond_only: bool  # the user's cheaper variant: no uncond rows and no CFG for the source legs
+    batch_legs: bool
+
+
+class SourceLegs:
+    """A :data:`lib_delta.PairDenoiser` over the pair for one call: ``(x_s, sigma_s) -> (D_base, D_adapted)``."""
+
+    def __init__(self, pair: SourcePair, conds: LegConds, request: LegRequest) -> None:
+        self.pair, self.conds, self.request = pair, conds, request
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from modules import prompt_parser
+
+        req = self.request
+        legs = []
+        for adapted in (False, True):
+            cond = self.conds.adapted_cond if adapted else self.conds.base_cond
+            uncond = self.conds.adapted_uncond if adapted else self.conds.base_uncond
+            conds_list, cond_tensor = prompt_parser.reconstruct_multicond_batch(cond, req.step)
+            repeats = [len(c) for c in conds_list]
+            index = [i for i, n in enumerate(repeats) for _ in range(n)]
+            segments = [_Segment(x[index], sigma[index], cond_tensor, adapted)]
+            with_uncond = not (req.skip_uncond or req.cond_only)
+            if with_uncond:
+                segments.append(_Segment(x, sigma, prompt_parser.reconstruct_cond_batch(uncond, req.step), adapted))
+            legs.append((conds_list, segments, with_uncond))
+
+        if self.pair.shares_weights and req.batch_legs:
+            _run_segments(self.pair.base, [s for _, segs, _ in legs for s in segs], self.pair.runtime_lora)
+        else:
+            base_segments, adapted_segments = legs[0][1], legs[1][1]
+            if self.pair.shares_weights:
+                _run_segments(self.pair.base, base_segments, self.pair.runtime_lora)
+                _run_segments(self.pair.adapted, adapted_segments, self.pair.runtime_lora)
+            else:
+                _run_segments(self.pair.base, base_segments, None)
+                _run_segments(self.pair.adapted, adapted_segments, self.pair.runtime_lora)
+
+        results = []
+        for conds_list, segments, with_uncond in legs:
+            cond_out = segments[0].out
+            if with_uncond:
+                results.append(_combine(cond_out, segments[1].out, conds_list, req.cond_scale))
+            else:
+                # As the webui does when it skips the uncond: each image's first cond row stands in for it, scale 1.
+                first_rows = torch.stack([cond_out[c[0][0]] for c in conds_list])
+                results.append(_combine(cond_out, first_rows, conds_list, 1.0))
+        return results[0], results[1]

@@ -1,0 +1,29 @@
+"""The "Delta Sampling" section of the webui's settings. Read with ``getattr(shared.opts, key, default)``: the options
+exist only once the settings UI has been built."""
+
+from __future__ import annotations
+
+RESIDENCY = ("gpu", "cpu", "unload")
+
+
+def register() -> None:
+    from modules import script_callbacks
+
+    script_callbacks.on_ui_settings(_add_options, name="delta_sampling")
+
+
+def _add_options() -> None:
+    import gradio as gr
+    from modules import shared
+
+    section = ("delta_sampling", "Delta Sampling")
+    shared.opts.add_option("delta_sampling_residency", shared.OptionInfo(
+        "gpu", "Where the source models wait between generations", gr.Radio, {"choices": list(RESIDENCY)},
+        section=section,
+    ).info("gpu: fastest next generation; cpu: frees VRAM, costs a copy per generation; unload: frees everything"))
+    shared.opts.add_option("delta_sampling_dtype", shared.OptionInfo(
+        "auto", "Source model precision", gr.Radio, {"choices": ["auto", "float32"]}, section=section,
+    ).info("auto follows the webui (fp16 on CUDA, fp32 on CPU or with --no-half)"))
+    shared.opts.add_option("delta_sampling_cache_size", shared.OptionInfo(
+        2, "Source checkpoints kept loaded", gr.Slider, {"minimum": 1, "maximum": 6, "step": 1}, section=section,
+    ).info("least recently used ones are freed first; a LoRA pair needs 1, a checkpoint pair 2"))

@@ -1,0 +1,595 @@
+"""Loading, sharing and caching the source pair inside the webui, without touching the user's model.
+
+A source checkpoint is built with the webui's own machinery (state-dict reader, config finder, meta-device
+instantiation, type flags, the webui's text-encoder wrappers) but never through ``sd_models.load_model``, which would
+replace ``shared.sd_model``. Its VAE is never kept: DS only needs the UNet and the text encoders.
+
+The adapted leg is another checkpoint, or the base plus LoRA/LyCORIS files, or both. When it is the base plus LoRAs,
+one model holds the base weights once and the LoRAs run as a switchable runtime delta (:class:`lib_delta.lora.
+RuntimeLora`), so both legs can be evaluated in one batched forward. Two checkpoints share every tensor that is
+identical in both (often the text encoders).
+
+:data:`CACHE` is the one owner of loaded source models: it keeps up to ``delta_sampling_cache_size`` checkpoints
+between generations (LRU), keyed by file, size, mtime, device and dtype, and frees them on :meth:`SourceCache.unload`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import DeltaSamplingError
+from ..latent import LATENT_FORMATS, LatentFormat
+from ..lora import LoraError, LoraNetwork, MergedLora, RuntimeLora, merge, parse_network
+from ..params import DeltaParams, LoraSpec
+
+
+class SourceModelError(DeltaSamplingError):
+    """A source model or LoRA could not be used; HTTP callers get status 422 (their request named it)."""
+
+    http_status = 422
+
+
+# --- resolving names -----------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(name: str, what: str) -> Any:
+    """The webui CheckpointInfo for ``name``, matched exactly (title, file name, name without extension, or hash).
+
+    ``sd_models.get_closet_checkpoint_match`` falls back to substring matching, so a short name could silently pick
+    some other checkpoint; here a name must match exactly, optionally followed by `` [hash]``.
+    """
+    import re
+
+    from modules import sd_models
+
+    if not name:
+        raise SourceModelError(f"{what}: no checkpoint given")
+    info = sd_models.checkpoint_aliases.get(name)
+    wanted_hash = None
+    if info is None:
+        m = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]{8,64})\]", name)
+        if m:
+            info = sd_models.checkpoint_aliases.get(m.group(1))
+            wanted_hash = m.group(2).lower()
+    if info is None:
+        known = ", ".join(sorted(sd_models.checkpoint_tiles(use_short=False))[:20]) or "none"
+        raise SourceModelError(
+            f"{what}: no checkpoint named {name!r}. Use a name from the checkpoint list (refresh it after adding "
+            f"files); known: {known}"
+        )
+    if wanted_hash:
+        shorthash = info.calculate_shorthash() or ""
+        if not (shorthash.startswith(wanted_hash) or (info.sha256 or "").startswith(wanted_hash)):
+            raise SourceModelError(
+                f"{what}: {info.name} has hash {shorthash}, but {wanted_hash} was asked for: a different file now has "
+                "that name"
+            )
+    return info
+
+
+def resolve_lora(name: str) -> Any:
+    """The webui's NetworkOnDisk for a LoRA/LyCORIS name (exact name or alias)."""
+    try:
+        import networks  # the built-in Lora extension's module, loaded before any extension script runs
+    except ImportError as exc:
+        raise SourceModelError(
+            "the built-in Lora extension is disabled, so LoRA files cannot be listed; enable it or use a checkpoint"
+        ) from exc
+    if not networks.available_networks:
+        networks.list_available_networks()
+    on_disk = networks.available_networks.get(name) or networks.available_network_aliases.get(name)
+    if on_disk is None:
+        networks.list_available_networks()  # files added since start-up
+        on_disk = networks.available_networks.get(name) or networks.available_network_aliases.get(name)
+    if on_disk is None:
+        known = ", ".join(sorted(networks.available_networks)[:20]) or "none"
+        raise SourceModelError(f"loras: no LoRA/LyCORIS named {name!r} in the Lora folder; known: {known}")
+    return on_disk
+
+
+# --- one loaded checkpoint -----------------------------------------------------------------------------------------
+
+
+def _file_key(filename: str) -> tuple[str, int, float]:
+    st = os.stat(filename)
+    return (os.path.abspath(filename), st.st_size, st.st_mtime)
+
+
+def model_family(model: Any) -> str:
+    """"sd1", "sd2" or "sdxl" for a loaded webui model; raises for families DS cannot use as a source."""
+    if getattr(model, "is_sd3", False):
+        return "sd3"
+    if getattr(model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(model, "is_sd2", False):
+        return "sd2"
+    if getattr(model, "is_sd1", False):
+        return "sd1"
+    return "sd1"
+
+
+def latent_format_of(model: Any) -> LatentFormat:
+    """The latent format of a loaded webui model, with the scale factor the model itself uses."""
+    family = model_family(model)
+    shipped = LATENT_FORMATS[family]
+    scale = float(getattr(model, "scale_factor", shipped.scale))
+    channels = int(getattr(model, "latent_channels", shipped.channels))
+    return LatentFormat(family, channels, scale, float(getattr(model, "shift_factor", shipped.shift)))
+
+
+def _param_bytes(module: torch.nn.Module, seen: set[int] | None = None) -> int:
+    total = 0
+    seen = set() if seen is None else seen
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        ptr = tensor.data_ptr()
+        if ptr in seen or tensor.device.type == "meta":
+            continue
+        seen.add(ptr)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A source checkpoint ready to denoise: the webui model (no VAE) and its k-diffusion denoiser."""
+
+    info: Any
+    model: torch.nn.Module
+    denoiser: torch.nn.Module
+    family: str
+    latent_format: LatentFormat
+    load_seconds: float
+    text_encoder_root: str  # "cond_stage_model" (SD1/SD2) or "conditioner" (SDXL): where text-encoder LoRAs apply
+    lora_view: torch.nn.Module  # the model under its original module paths, as LoRA key names expect them
+    lora_cache: dict[tuple, LoraNetwork] = field(default_factory=dict)
+    runtime_lora: RuntimeLora | None = None  # hooks currently installed on this model (at most one set)
+
+    @property
+    def title(self) -> str:
+        return self.info.title
+
+    def nbytes(self, seen: set[int] | None = None) -> int:
+        return _param_bytes(self.model, seen)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.alphas_cumprod.device
+
+    def move(self, device: torch.device) -> None:
+        self.denoiser.to(device)  # the denoiser holds the model as a submodule, plus its sigma tables
+        self.model.alphas_cumprod = self.model.alphas_cumprod.to(device)
+
+    def drop_runtime_lora(self) -> None:
+        if self.runtime_lora is not None:
+            self.runtime_lora.remove()
+            self.runtime_lora = None
+
+    def release(self) -> None:
+        """Forget this model: hooks off, parsed LoRAs dropped. Tensors it shares with another model stay alive."""
+        self.drop_runtime_lora()
+        self.lora_cache.clear()
+
+
+def _clip_weights_present(state_dict: dict) -> bool:
+    from modules import sd_models
+
+    probes = [sd_models.sd1_clip_weight, sd_models.sd2_clip_weight, sd_models.sdxl_clip_weight,
+              sd_models.sdxl_refiner_clip_weight]
+    return any(p in state_dict for p in probes)
+
+
+def _wrap_text_encoders(model: Any) -> None:
+    """Give the source model the webui's prompt handling (weights, emphasis, BREAK, >75 tokens, TI), as
+    ``sd_hijack.hijack`` does, without calling it: that would repoint the global hijack at this model."""
+    import ldm.modules.encoders.modules as ldm_encoders
+    from modules import sd_hijack, sd_hijack_clip, sd_hijack_open_clip
+    from modules.sd_hijack import EmbeddingsWithFixes
+
+    hijack = sd_hijack.model_hijack  # used only as the textual-inversion database and the "fixes" channel
+    conditioner = getattr(model, "conditioner", None)
+    if conditioner is not None:
+        wrapped = []
+        for i, embedder in enumerate(conditioner.embedders):
+            typename = type(embedder).__name__
+            if typename == "FrozenOpenCLIPEmbedder":
+                embedder.model.token_embedding = EmbeddingsWithFixes(embedder.model.token_embedding, hijack)
+                conditioner.embedders[i] = sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords(embedder, hijack)
+            elif typename == "FrozenCLIPEmbedder":
+                emb = embedder.transformer.text_model.embeddings
+                emb.token_embedding = EmbeddingsWithFixes(emb.token_embedding, hijack)
+                conditioner.embedders[i] = sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords(embedder, hijack)
+            elif typename == "FrozenOpenCLIPEmbedder2":
+                embedder.model.token_embedding = EmbeddingsWithFixes(
+                    embedder.model.token_embedding, hijack, textual_inversion_key="clip_g"
+                )
+                conditioner.embedders[i] = sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords(embedder, hijack)
+            else:
+                continue
+            wrapped.append(conditioner.embedders[i])
+        model.cond_stage_model = wrapped[0] if len(wrapped) == 1 else conditioner
+        return
+    encoder = model.cond_stage_model
+    if type(encoder) is ldm_encoders.FrozenCLIPEmbedder:
+        emb = encoder.transformer.text_model.embeddings
+        emb.token_embedding = EmbeddingsWithFixes(emb.token_embedding, hijack)
+        model.cond_stage_model = sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(encoder, hijack)
+    elif type(encoder) is ldm_encoders.FrozenOpenCLIPEmbedder:
+        encoder.model.token_embedding = EmbeddingsWithFixes(encoder.model.token_embedding, hijack)
+        model.cond_stage_model = sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords(encoder, hijack)
+    else:
+        raise SourceModelError(f"unsupported text encoder {type(encoder).__name__} in a source checkpoint")
+
+
+def target_dtype() -> torch.dtype:
+    """The dtype source weights are stored in: the webui's UNet dtype unless the setting asks for float32."""
+    from modules import devices, shared
+
+    if getattr(shared.opts, "delta_sampling_dtype", "auto") == "float32" or shared.cmd_opts.no_half:
+        return torch.float32
+    return devices.dtype_unet
+
+
+def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> LoadedCheckpoint:
+    """Build one source model from a checkpoint file; on failure nothing stays allocated."""
+    import k_diffusion.external
+    from modules import sd_disable_initialization, sd_models, sd_models_config, sd_models_xl, shared
+    from omegaconf import OmegaConf
+
+    started = time.perf_counter()
+    model = None
+    try:
+        if not info.is_safetensors and getattr(shared.cmd_opts, "disable_safe_unpickle", False):
+            raise SourceModelError(
+                f"{info.name} is a pickle checkpoint and the webui's safe unpickler is disabled "
+                "(--disable-safe-unpickle); convert it to .safetensors to use it as a DS source"
+            )
+        try:
+            state_dict = sd_models.read_state_dict(info.filename, map_location="cpu")
+        except Exception as exc:
+            raise SourceModelError(
+                f"cannot read checkpoint {info.filename}: {type(exc).__name__}: {exc}. The file is damaged or not a "
+                "checkpoint; download it again"
+            ) from exc
+        config_path = sd_models_config.find_checkpoint_config(state_dict, info)
+        config = OmegaConf.load(config_path)
+        sd_models.repair_config(config, state_dict)
+        for key in [k for k in state_dict if k.startswith("first_stage_model.")]:
+            del state_dict[key]  # the VAE is never needed for DS
+        with sd_disable_initialization.DisableInitialization(disable_clip=_clip_weights_present(state_dict)), \
+                sd_disable_initialization.InitializeOnMeta():
+            model = sd_models.instantiate_from_config(config.model, state_dict)
+        model.first_stage_model = None
+        sd_models.set_model_type(model, state_dict)
+        sd_models.set_model_fields(model)
+        if model.is_sdxl:
+            sd_models_xl.extend_sdxl(model)
+        _refuse_unusable(model, info)
+        conversion = None if dtype == torch.float32 else {"first_stage_model": None, "alphas_cumprod": None, "": dtype}
+        with sd_disable_initialization.LoadStateDictOnMeta(state_dict, device="cpu",
+                                                           weight_dtype_conversion=conversion):
+            model.load_state_dict(state_dict, strict=False)
+        del state_dict
+        missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise SourceModelError(
+                f"checkpoint {info.name} lacks {len(missing)} weights its config needs (first: {missing[0]}); it is "
+                f"incomplete or does not match its config {os.path.basename(config_path)}"
+            )
+        alphas = model.alphas_cumprod
+        model.alphas_cumprod = None
+        model.to(dtype)
+        model.alphas_cumprod = alphas.float()
+        model.alphas_cumprod_original = model.alphas_cumprod
+        sd_models.apply_alpha_schedule_override(model)  # the same schedule override the target gets
+        model.lowvram = False
+        model.sd_checkpoint_info = info
+        model.sd_model_checkpoint = info.filename
+        model.eval()
+        model.requires_grad_(False)
+        text_root = "conditioner" if getattr(model, "conditioner", None) is not None else "cond_stage_model"
+        lora_view = _lora_view(model, text_root)
+        _wrap_text_encoders(model)
+        model.to(device)
+        model.alphas_cumprod = model.alphas_cumprod.to(device)
+        wrapper = (k_diffusion.external.CompVisVDenoiser if model.parameterization == "v"
+                   else k_diffusion.external.CompVisDenoiser)
+        denoiser = wrapper(model, quantize=shared.opts.enable_quantization)
+        return LoadedCheckpoint(
+            info=info, model=model, denoiser=denoiser, family=model_family(model),
+            latent_format=latent_format_of(model), load_seconds=time.perf_counter() - started,
+            text_encoder_root=text_root, lora_view=lora_view,
+        )
+    except torch.cuda.OutOfMemoryError as exc:
+        _discard(model)
+        raise SourceModelError(
+            f"out of GPU memory while loading {info.name}. Free memory (Delta Sampling settings: keep source models "
+            "on CPU between generations, or unload them), use smaller checkpoints, or start the webui with --medvram"
+        ) from exc
+    except SourceModelError:
+        _discard(model)
+        raise
+    except Exception as exc:
+        _discard(model)
+        raise SourceModelError(f"cannot build a model from {info.name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _refuse_unusable(model: Any, info: Any) -> None:
+    if getattr(model, "is_sd3", False):
+        raise SourceModelError(f"{info.name} is an SD3 checkpoint; SD3 sources are not supported yet")
+    unet_in = getattr(getattr(model.model, "diffusion_model", None), "in_channels", 4)
+    if unet_in != 4 or getattr(model, "cond_stage_key", "") == "edit":
+        raise SourceModelError(
+            f"{info.name} is an inpainting or instruct-pix2pix checkpoint ({unet_in} UNet input channels); a source "
+            "pair must be ordinary text-to-image checkpoints (the target may be an inpainting one)"
+        )
+
+
+def _discard(model: Any) -> None:
+    if model is not None:
+        with contextlib.suppress(Exception):  # best effort while already failing
+            model.to(device="meta")
+    gc.collect()
+    _empty_device_cache()
+
+
+def _empty_device_cache() -> None:
+    from modules import devices
+
+    devices.torch_gc()
+
+
+def share_identical_tensors(keep: torch.nn.Module, other: torch.nn.Module) -> int:
+    """Make ``other`` use ``keep``'s tensor wherever both hold an identical parameter; returns the bytes saved."""
+    kept = dict(keep.named_parameters())
+    saved = 0
+    with torch.no_grad():
+        for name, param in list(other.named_parameters()):
+            twin = kept.get(name)
+            if twin is None or twin is param or twin.shape != param.shape or twin.dtype != param.dtype:
+                continue
+            if twin.device != param.device or not torch.equal(twin, param):
+                continue
+            owner_path, _, attr = name.rpartition(".")
+            owner = other.get_submodule(owner_path) if owner_path else other
+            setattr(owner, attr, twin)
+            saved += param.numel() * param.element_size()
+    return saved
+
+
+# --- LoRA networks -------------------------------------------------------------------------------------------------
+
+
+def load_lora(checkpoint: LoadedCheckpoint, spec: LoraSpec) -> LoraNetwork:
+    """Parse a LoRA/LyCORIS file for a loaded source checkpoint (cached per file and checkpoint)."""
+    from modules import sd_models
+
+    on_disk = resolve_lora(spec.name)
+    key = _file_key(on_disk.filename)
+    cached = checkpoint.lora_cache.get(key)
+    if cached is not None:
+        return cached
+    try:
+        state_dict = sd_models.read_state_dict(on_disk.filename, map_location="cpu")
+    except Exception as exc:
+        raise SourceModelError(
+            f"loras: cannot read {on_disk.filename}: {type(exc).__name__}: {exc}; the file is damaged"
+        ) from exc
+    try:
+        network = parse_network(state_dict, checkpoint.family, name=spec.name, model=checkpoint.lora_view)
+    except LoraError as exc:
+        raise SourceModelError(f"loras: {spec.name}: {exc}") from exc
+    if network.matched_keys == 0:
+        raise SourceModelError(
+            f"loras: {spec.name} matched 0 of {network.total_keys} keys of the {checkpoint.family} source "
+            f"{checkpoint.info.name}; it was made for another model family (its file says "
+            f"{getattr(on_disk, 'sd_version', 'unknown')}). Pick a LoRA trained on the source base's family"
+        )
+    network.on_disk = on_disk
+    checkpoint.lora_cache[key] = network
+    return network
+
+
+def _lora_view(model: Any, text_root: str) -> torch.nn.Module:
+    """A container whose module paths are the unwrapped model's (``model.diffusion_model...``,
+    ``cond_stage_model.transformer...``, ``conditioner.embedders.N...``), built before the text encoders are wrapped:
+    LoRA key names refer to those paths, and wrapping moves the encoders under ``.wrapped``."""
+    view = torch.nn.Module()
+    view.model = model.model
+    if text_root == "conditioner":
+        conditioner = torch.nn.Module()
+        conditioner.embedders = torch.nn.ModuleList(list(model.conditioner.embedders))
+        view.conditioner = conditioner
+    else:
+        view.cond_stage_model = model.cond_stage_model
+    return view
+
+
+# --- the pair ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourcePair:
+    """The two legs of one generation: which models they run on and how the adapted leg differs from the base."""
+
+    base: LoadedCheckpoint
+    adapted: LoadedCheckpoint  # may be ``base`` itself (then the LoRAs make the difference)
+    loras: list[tuple[LoraNetwork, float]]
+    runtime_lora: RuntimeLora | None
+    loaded_now: list[str]  # titles loaded for this generation (empty: everything came from the cache)
+    lora_text: str  # "name:weight [hash], ..." for infotext
+
+    @property
+    def shares_weights(self) -> bool:
+        """Both legs run on one model (the LoRA pair): they can go in one batched forward."""
+        return self.adapted is self.base
+
+    @property
+    def latent_format(self) -> LatentFormat:
+        return self.base.latent_format
+
+    def merged_text_encoder_loras(self) -> MergedLora | None:
+        """Merge the LoRAs' text-encoder parts into the adapted leg's text encoder until the handle is restored."""
+        if not self.loras:
+            return None
+        return merge(self.adapted.lora_view, self.loras, root=self.adapted.text_encoder_root)
+
+    def release(self) -> None:
+        """Take the runtime LoRA hooks off (the models stay in the cache)."""
+        self.adapted.drop_runtime_lora()
+        self.runtime_lora = None
+
+    def has_text_encoder_loras(self) -> bool:
+        root = self.adapted.text_encoder_root + "."
+        return any(path.startswith(root) for net, _ in self.loras for path in net.modules)
+
+
+class SourceCache:
+    """The owner of every source model DS keeps loaded. Thread-safe; one instance, :data:`CACHE`."""
+
+    def __init__(self) -> None:
+        self._models: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
+        self._lock = threading.RLock()
+        self.last_event = "nothing loaded yet"
+
+    def _limit(self) -> int:
+        from modules import shared
+
+        return max(1, int(getattr(shared.opts, "delta_sampling_cache_size", 2)))
+
+    def checkpoint(self, info: Any, device: torch.device, dtype: torch.dtype, pinned: set[tuple]) -> tuple[
+            LoadedCheckpoint, bool]:
+        """A loaded checkpoint from the cache, or loaded now; returns (checkpoint, loaded_now)."""
+        key = (*_file_key(info.filename), str(dtype))
+        with self._lock:
+            loaded = self._models.get(key)
+            if loaded is not None:
+                self._models.move_to_end(key)
+                if loaded.device != device:
+                    loaded.move(device)
+                return loaded, False
+            self._evict(keep=pinned, room_for=1)
+            loaded = load_checkpoint(info, device, dtype)
+            self._models[key] = loaded
+            return loaded, True
+
+    def _evict(self, keep: set[tuple], room_for: int) -> None:
+        limit = self._limit()
+        for cache_key in list(self._models):
+            if len(self._models) + room_for <= limit:
+                break
+            if cache_key in keep:
+                continue
+            self._models.pop(cache_key).release()
+        gc.collect()
+        _empty_device_cache()
+
+    def pair(self, params: DeltaParams) -> SourcePair:
+        """The source pair for ``params``: loads what the cache lacks, nothing when it has everything."""
+        from modules import devices
+
+        device, dtype = devices.device, target_dtype()
+        base_info = resolve_checkpoint(params.source, "source")
+        adapted_info = resolve_checkpoint(params.adapted, "adapted") if params.adapted else None
+        if adapted_info is not None and adapted_info.filename == base_info.filename and not params.loras:
+            adapted_info = None  # base == adapted: the delta is exactly 0
+        loaded_now: list[str] = []
+        with self._lock:
+            pinned = {(*_file_key(base_info.filename), str(dtype))}
+            if adapted_info is not None:
+                pinned.add((*_file_key(adapted_info.filename), str(dtype)))
+            base, fresh = self.checkpoint(base_info, device, dtype, pinned)
+            if fresh:
+                loaded_now.append(base.title)
+            adapted = base
+            if adapted_info is not None and adapted_info.filename != base_info.filename:
+                adapted, fresh = self.checkpoint(adapted_info, device, dtype, pinned)
+                if fresh:
+                    loaded_now.append(adapted.title)
+                    share_identical_tensors(base.model, adapted.model)
+                if adapted.latent_format != base.latent_format or adapted.family != base.family:
+                    raise SourceModelError(
+                        f"adapted: {adapted.info.name} is an {adapted.family} checkpoint but the source base "
+                        f"{base.info.name} is {base.family}; the adapted leg must be the same family as the base"
+                    )
+            networks = [(load_lora(adapted, spec), spec.weight) for spec in params.loras]
+            # A generation that ended without cleaning up (an error elsewhere in the webui) may have left hooks.
+            base.drop_runtime_lora()
+            adapted.drop_runtime_lora()
+            runtime = None
+            if networks:
+                try:
+                    runtime = RuntimeLora(adapted.lora_view, networks, root="model")
+                except LoraError as exc:
+                    raise SourceModelError(f"loras: {exc}") from exc
+                adapted.runtime_lora = runtime
+            self.last_event = (f"loaded {', '.join(loaded_now)}" if loaded_now
+                               else "reused the cached source models (nothing loaded)")
+            lora_text = ", ".join(
+                f"{spec.name}:{spec.weight:g}" for spec in params.loras
+            )
+            return SourcePair(base, adapted, networks, runtime, loaded_now, lora_text)
+
+    def park(self) -> None:
+        """Apply the residency setting after a generation: stay, move to CPU, or unload."""
+        from modules import devices, shared
+
+        residency = getattr(shared.opts, "delta_sampling_residency", "gpu")
+        with self._lock:
+            if residency == "unload":
+                self.unload()
+            elif residency == "cpu" and devices.device.type != "cpu":
+                for loaded in self._models.values():
+                    loaded.move(devices.cpu)
+                _empty_device_cache()
+
+    def unload(self) -> int:
+        """Free every source model; returns how many were freed."""
+        with self._lock:
+            count = len(self._models)
+            for loaded in self._models.values():
+                loaded.release()
+                # Everything goes, shared tensors included: move the weights to the meta device so that their memory
+                # returns even while some object (a finished job, a traceback) still references a model.
+                loaded.denoiser.to(device="meta")
+            self._models.clear()
+            self.last_event = f"unloaded {count} source model(s)" if count else self.last_event
+        gc.collect()
+        _empty_device_cache()
+        return count
+
+    def status(self) -> dict[str, Any]:
+        """What is loaded, where, and how much memory it holds (shared tensors counted once)."""
+        with self._lock:
+            seen: set[int] = set()
+            models = []
+            for loaded in self._models.values():
+                models.append({
+                    "title": loaded.title,
+                    "family": loaded.family,
+                    "device": str(next(loaded.model.parameters()).device),
+                    "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+                    "bytes": loaded.nbytes(seen),
+                    "load_seconds": round(loaded.load_seconds, 3),
+                    "loras_parsed": [net.name for net in loaded.lora_cache.values()],
+                })
+            return {
+                "models": models,
+                "total_bytes": sum(m["bytes"] for m in models),
+                "cache_size": self._limit(),
+                "last_event": self.last_event,
+            }
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+CACHE = SourceCache()

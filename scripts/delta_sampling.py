@@ -1,0 +1,31 @@
+"""Delta Sampling for the AUTOMATIC1111 webui: the AlwaysOn script. Wiring only; the work is in lib_delta."""
+
+from modules import scripts
+
+import lib_delta.webui  # imported at load time: the webui restores sys.path after loading each script
+from lib_delta.webui import hooks, ui
+
+
+class DeltaSamplingScript(scripts.Script):
+    sorting_priority = 15  # Forge's UI ordering; ignored by A1111
+
+    def title(self):
+        return "Delta Sampling"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        components, paste_fields = ui.build(self.elem_id)
+        self.infotext_fields = paste_fields
+        self.paste_field_names = []
+        return components
+
+    def process(self, p, *args):
+        hooks.begin_job(p, args)
+
+    def postprocess(self, p, processed, *args):
+        hooks.end_job(p)
+
+
+lib_delta.webui.install()
