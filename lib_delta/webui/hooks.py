@@ -82,14 +82,11 @@ class DeltaJob:
 def begin_job(p: Any, args: tuple) -> None:
     """Called from the script's ``process()``: set up DS for this generation, or make sure nothing of it remains."""
     _clear_infotext(p)
-    previous = p.__dict__.pop(JOB_ATTR, None)
-    if previous is not None:
-        previous.finish()
+    # A job found here was copied from an XYZ parent (cells are shallow copies) or left by an earlier run: it is not
+    # this generation's. It is dropped, not finished: a parent's job may still be in use.
+    p.__dict__.pop(JOB_ATTR, None)
     try:
-        params = DeltaParams.from_api(args)
-        overrides = getattr(p, XYZ_ATTR, None)
-        if overrides:
-            params = params.replace(**overrides)
+        params = _params_for(p, args)
     except ParamError as exc:
         if _asks_enabled(args, getattr(p, XYZ_ATTR, None)):
             _install(p, DeltaJob(DeltaParams(), error=exc))
@@ -104,15 +101,28 @@ def begin_job(p: Any, args: tuple) -> None:
         p.extra_generation_params.update(params.infotext())
         return
     try:
-        job.pair = CACHE.pair(params)
+        pair = CACHE.pair(params)
+        print(f"Delta Sampling: {CACHE.last_event}")
+        _write_infotext(p, job, pair)
+        if pair.adapted is pair.base and not pair.loras:
+            pair.release()  # adapted == base: the delta is exactly 0, the legs need not run
+            return
+        job.pair = pair
         job.schedule = params.lambda_schedule()
-        _write_infotext(p, job)
-        if job.pair.loaded_now:
-            print(f"Delta Sampling: loaded {', '.join(job.pair.loaded_now)}")
-        else:
-            print("Delta Sampling: source models from cache, nothing loaded")
     except Exception as exc:  # surfaced by the p.sample wrapper, see the module docstring
         job.fail(exc)
+
+
+def _params_for(p: Any, args: tuple) -> DeltaParams:
+    """The script's arguments with this XYZ cell's axis values applied."""
+    params = DeltaParams.from_api(args)
+    overrides = dict(getattr(p, XYZ_ATTR, None) or {})
+    lora_weight = overrides.pop("lora_weight", None)
+    if overrides:
+        params = params.replace(**overrides)
+    if lora_weight is not None:
+        params = params.replace(loras=[{"name": spec.name, "weight": lora_weight} for spec in params.loras])
+    return params
 
 
 def _asks_enabled(args: tuple, overrides: dict | None) -> bool:
@@ -129,15 +139,17 @@ def _clear_infotext(p: Any) -> None:
         p.extra_generation_params.pop(key, None)
 
 
-def _write_infotext(p: Any, job: DeltaJob) -> None:
-    pair = job.pair
+def _write_infotext(p: Any, job: DeltaJob, pair: SourcePair) -> None:
     entries = job.params.infotext()
     entries["Delta source"] = pair.base.info.title
     if job.params.adapted:
         entries["Delta adapted"] = pair.adapted.info.title
     if pair.loras:
-        hashes = [f"{net.name}: {getattr(getattr(net, 'on_disk', None), 'shorthash', '') or 'unknown'}"
-                  for net, _ in pair.loras]
+        hashes = []
+        for net, _ in pair.loras:
+            on_disk = net.on_disk
+            on_disk.read_hash()  # the webui's own LoRA hash (computed once, then cached by the webui)
+            hashes.append(f"{net.name}: {on_disk.shorthash or 'unknown'}")
         entries["Delta LoRA hashes"] = ", ".join(hashes)
     p.extra_generation_params.update(entries)
 

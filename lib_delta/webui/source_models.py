@@ -291,6 +291,7 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Load
         model.alphas_cumprod_original = model.alphas_cumprod
         sd_models.apply_alpha_schedule_override(model)  # the same schedule override the target gets
         model.lowvram = False
+        model.is_sdxl_inpaint = False  # _refuse_unusable let only 4-channel UNets through
         model.sd_checkpoint_info = info
         model.sd_model_checkpoint = info.filename
         model.eval()
@@ -383,15 +384,19 @@ def load_lora(checkpoint: LoadedCheckpoint, spec: LoraSpec) -> LoraNetwork:
         raise SourceModelError(
             f"loras: cannot read {on_disk.filename}: {type(exc).__name__}: {exc}; the file is damaged"
         ) from exc
+    made_for = getattr(getattr(on_disk, "sd_version", None), "name", None) or "unknown"
+    hint = (f"it was probably made for another model family (its file says: {made_for}); pick a LoRA trained on the "
+            "source base's family")
     try:
         network = parse_network(state_dict, checkpoint.family, name=spec.name, model=checkpoint.lora_view)
     except LoraError as exc:
-        raise SourceModelError(f"loras: {spec.name}: {exc}") from exc
+        raise SourceModelError(
+            f"loras: {spec.name} does not fit the {checkpoint.family} source {checkpoint.info.name}: {exc}; {hint}"
+        ) from exc
     if network.matched_keys == 0:
         raise SourceModelError(
             f"loras: {spec.name} matched 0 of {network.total_keys} keys of the {checkpoint.family} source "
-            f"{checkpoint.info.name}; it was made for another model family (its file says "
-            f"{getattr(on_disk, 'sd_version', 'unknown')}). Pick a LoRA trained on the source base's family"
+            f"{checkpoint.info.name}; {hint}"
         )
     network.on_disk = on_disk
     checkpoint.lora_cache[key] = network
@@ -440,7 +445,8 @@ class SourcePair:
         """Merge the LoRAs' text-encoder parts into the adapted leg's text encoder until the handle is restored."""
         if not self.loras:
             return None
-        return merge(self.adapted.lora_view, self.loras, root=self.adapted.text_encoder_root)
+        root = self.adapted.text_encoder_root
+        return merge(getattr(self.adapted.lora_view, root), self.loras, root=root)
 
     def release(self) -> None:
         """Take the runtime LoRA hooks off (the models stay in the cache)."""
@@ -527,7 +533,7 @@ class SourceCache:
             runtime = None
             if networks:
                 try:
-                    runtime = RuntimeLora(adapted.lora_view, networks, root="model")
+                    runtime = RuntimeLora(adapted.lora_view.model, networks, root="model")
                 except LoraError as exc:
                     raise SourceModelError(f"loras: {exc}") from exc
                 adapted.runtime_lora = runtime

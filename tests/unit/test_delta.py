@@ -4,11 +4,12 @@ import functools
 
 import pytest
 import torch
-from conftest import DIM, SHAPE, Case, random_gaussian, random_mixture
 
 from lib_delta import DeltaSamplingError, LatentMap, delta_denoised, delta_eps
 from lib_delta.analytic import GaussianMixture
 from lib_delta.timesteps import DiscreteSchedule
+
+from conftest import DIM, SHAPE, Case, random_gaussian, random_mixture
 
 PAIRS = [("sd1", "sdxl"), ("sdxl", "sd1"), ("sd1", "sd2"), ("sd3", "flux")]
 

@@ -7,7 +7,6 @@ precision); (2) the samples' mean and variance match the shifted target's within
 
 import pytest
 import torch
-from conftest import DIM, SHAPE, Case, random_gaussian
 
 from lib_delta import delta_denoised, delta_eps
 from lib_delta.samplers import (
@@ -20,6 +19,8 @@ from lib_delta.samplers import (
     sample_heun,
 )
 from lib_delta.timesteps import DiscreteSchedule
+
+from conftest import DIM, SHAPE, Case, random_gaussian
 
 N = 4000
 # First-order samplers need more steps before their own discretisation bias (variance too low by O(1/steps)) falls
