@@ -59,8 +59,9 @@ class DeltaJob:
     passes: dict[int, tuple[weakref.ref, PassState]] = field(default_factory=dict)
     cond_cache: dict[PromptSet, LegConds] = field(default_factory=dict)
     schedule: LambdaSchedule | None = None
-    source_calls: int = 0  # how many denoiser calls ran the source legs (tests and the bench read it)
-    reused_calls: int = 0
+    target_calls: int = 0  # denoiser calls of this job, in and outside the window
+    source_calls: int = 0  # calls that ran the source legs
+    reused_calls: int = 0  # calls that reused the previous delta (reuse_steps > 1)
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -68,6 +69,10 @@ class DeltaJob:
 
     def finish(self) -> None:
         """Release per-generation state; the models stay in the cache (or go, by the residency setting)."""
+        if self.target_calls:
+            CACHE.last_generation = {"target_calls": self.target_calls, "source_calls": self.source_calls,
+                                     "reused_calls": self.reused_calls, "passes": len(self.passes),
+                                     "failed": self.error is not None}
         if self.pair is not None:
             self.pair.release()
             self.pair = None
@@ -285,6 +290,7 @@ def on_cfg_denoiser(params: Any) -> None:
         return
     if job.error is not None:
         raise _interrupt()  # stop the sampler at once; the p.sample wrapper raises the error
+    job.target_calls += 1
     try:
         state = _pass_state(job, denoiser)
         if not state.active:

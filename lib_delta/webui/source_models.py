@@ -179,6 +179,31 @@ class LoadedCheckpoint:
         self.lora_cache.clear()
 
 
+def read_checked_state_dict(filename: str, what: str) -> dict:
+    """A checkpoint or LoRA file's tensors, read through the webui's readers; pickles only via its safe unpickler."""
+    from modules import sd_models
+
+    try:
+        if os.path.splitext(filename)[1].lower() == ".safetensors":
+            return sd_models.read_state_dict(filename, map_location="cpu")
+        # The webui replaces torch.load with its safe unpickler, which returns None (after printing why) for a pickle
+        # that holds anything but plain tensor data.
+        loaded = torch.load(filename, map_location="cpu")
+        if loaded is None:
+            raise SourceModelError(
+                f"the webui's safe unpickler refused {filename}: the pickle holds code or objects that are not plain "
+                "tensor data (the console says which). Use a .safetensors file instead"
+            )
+        return sd_models.get_state_dict_from_checkpoint(loaded)
+    except SourceModelError:
+        raise
+    except Exception as exc:
+        raise SourceModelError(
+            f"cannot read {what} {filename}: {type(exc).__name__}: {exc}. The file is damaged or not a {what}; "
+            "download it again"
+        ) from exc
+
+
 def _clip_weights_present(state_dict: dict) -> bool:
     from modules import sd_models
 
@@ -252,13 +277,7 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Load
                 f"{info.name} is a pickle checkpoint and the webui's safe unpickler is disabled "
                 "(--disable-safe-unpickle); convert it to .safetensors to use it as a DS source"
             )
-        try:
-            state_dict = sd_models.read_state_dict(info.filename, map_location="cpu")
-        except Exception as exc:
-            raise SourceModelError(
-                f"cannot read checkpoint {info.filename}: {type(exc).__name__}: {exc}. The file is damaged or not a "
-                "checkpoint; download it again"
-            ) from exc
+        state_dict = read_checked_state_dict(info.filename, "checkpoint")
         config_path = sd_models_config.find_checkpoint_config(state_dict, info)
         config = OmegaConf.load(config_path)
         sd_models.repair_config(config, state_dict)
@@ -371,19 +390,15 @@ def share_identical_tensors(keep: torch.nn.Module, other: torch.nn.Module) -> in
 
 def load_lora(checkpoint: LoadedCheckpoint, spec: LoraSpec) -> LoraNetwork:
     """Parse a LoRA/LyCORIS file for a loaded source checkpoint (cached per file and checkpoint)."""
-    from modules import sd_models
-
     on_disk = resolve_lora(spec.name)
     key = _file_key(on_disk.filename)
     cached = checkpoint.lora_cache.get(key)
     if cached is not None:
         return cached
     try:
-        state_dict = sd_models.read_state_dict(on_disk.filename, map_location="cpu")
-    except Exception as exc:
-        raise SourceModelError(
-            f"loras: cannot read {on_disk.filename}: {type(exc).__name__}: {exc}; the file is damaged"
-        ) from exc
+        state_dict = read_checked_state_dict(on_disk.filename, "LoRA file")
+    except SourceModelError as exc:
+        raise SourceModelError(f"loras: {exc}") from exc
     made_for = getattr(getattr(on_disk, "sd_version", None), "name", None) or "unknown"
     hint = (f"it was probably made for another model family (its file says: {made_for}); pick a LoRA trained on the "
             "source base's family")
@@ -465,6 +480,7 @@ class SourceCache:
         self._models: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
         self._lock = threading.RLock()
         self.last_event = "nothing loaded yet"
+        self.last_generation: dict[str, Any] = {}  # counters of the last finished DS generation (status readout)
 
     def _limit(self) -> int:
         from modules import shared
@@ -592,6 +608,7 @@ class SourceCache:
                 "total_bytes": sum(m["bytes"] for m in models),
                 "cache_size": self._limit(),
                 "last_event": self.last_event,
+                "last_generation": dict(self.last_generation),
             }
 
     def __len__(self) -> int:
