@@ -2,8 +2,7 @@
 // rendered by the extension into a hidden element with a data-tooltips JSON map of elem_id -> help text.
 (function () {
     function applyDeltaSamplingTooltips() {
-        const holders = gradioApp().querySelectorAll(".delta-sampling-tooltips");
-        holders.forEach(function (holder) {
+        gradioApp().querySelectorAll(".delta-sampling-tooltips").forEach(function (holder) {
             let map;
             try {
                 map = JSON.parse(holder.dataset.tooltips || "{}");
@@ -14,10 +13,10 @@
                 const element = gradioApp().getElementById(elemId);
                 if (!element) return;
                 element.title = map[elemId];
-                // Sliders, dropdowns and checkboxes put their label in a child element: give it the text too.
-                element.querySelectorAll("label, span, input, textarea").forEach(function (child) {
-                    if (!child.title) child.title = map[elemId];
-                });
+                // The visible label is a child; take the component's own first one only, since an accordion contains
+                // the other components (and their labels) too.
+                const label = element.querySelector(".label-wrap, label");
+                if (label) label.title = map[elemId];
             });
         });
     }

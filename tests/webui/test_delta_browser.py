@@ -1,0 +1,96 @@
+"""The Delta Sampling accordion in a real browser (headless Chromium): present in both tabs, with tooltips; turning it
+on, choosing the source pair and pressing Generate gives an image whose infotext carries the DS settings."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.webui
+
+TIMEOUT = 120
+
+
+def _set_number(driver, elem_id: str, value: int) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+
+
+def _pick(driver, elem_id: str, text: str) -> None:
+    """Choose the dropdown option containing ``text`` (gradio 3 dropdowns filter as you type)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.BACKSPACE)
+    box.send_keys(text)
+    options = WebDriverWait(driver, 10).until(
+        lambda d: [li for li in d.find_elements(By.CSS_SELECTOR, "ul.options li") if text in li.text])
+    options[0].click()
+
+
+def test_accordion_tooltips_and_generation(webui, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from lib_delta import SETTINGS
+
+    browser.get(webui.url)
+    WebDriverWait(browser, TIMEOUT).until(ec.visibility_of_element_located((By.ID, "txt2img_generate")))
+    for tab in ("txt2img", "img2img"):
+        assert browser.find_elements(By.ID, f"script_{tab}_delta_sampling_enabled"), f"no accordion in {tab}"
+        # Every control has its tooltip, from the parameters model.
+        for setting in SETTINGS:
+            element = browser.find_element(By.ID, f"script_{tab}_delta_sampling_{setting.name}")
+            assert element.get_attribute("title") == setting.help, setting.name
+
+    accordion = browser.find_element(By.ID, "script_txt2img_delta_sampling_enabled")
+    browser.execute_script("arguments[0].scrollIntoView()", accordion)
+    switch = browser.find_element(By.CSS_SELECTOR, "#script_txt2img_delta_sampling_enabled-checkbox input")
+    assert not switch.is_selected()
+    accordion.find_element(By.CSS_SELECTOR, ".label-wrap").click()
+    WebDriverWait(browser, 10).until(lambda _: switch.is_selected())
+
+    _set_number(browser, "txt2img_width", 64)
+    _set_number(browser, "txt2img_height", 64)
+    _set_number(browser, "txt2img_steps", 4)
+    _pick(browser, "script_txt2img_delta_sampling_source", "tiny-sd1-a")
+    _pick(browser, "script_txt2img_delta_sampling_adapted", "tiny-sd1-b")
+    browser.find_element(By.ID, "txt2img_generate").click()
+
+    def infotext(driver):
+        text = driver.find_element(By.ID, "html_info_txt2img").text
+        return text if "Delta scale" in text else False
+
+    text = WebDriverWait(browser, TIMEOUT).until(infotext)
+    assert "Delta source: tiny-sd1-a" in text and "Delta adapted: tiny-sd1-b" in text
+    assert browser.find_elements(By.CSS_SELECTOR, "#txt2img_gallery img")
+
+
+def test_failure_is_shown_in_the_ui(webui, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(webui.url)
+    WebDriverWait(browser, TIMEOUT).until(ec.visibility_of_element_located((By.ID, "txt2img_generate")))
+    accordion = browser.find_element(By.ID, "script_txt2img_delta_sampling_enabled")
+    browser.execute_script("arguments[0].scrollIntoView()", accordion)
+    accordion.find_element(By.CSS_SELECTOR, ".label-wrap").click()
+    _set_number(browser, "txt2img_width", 64)
+    _set_number(browser, "txt2img_height", 64)
+    _set_number(browser, "txt2img_steps", 4)
+    browser.find_element(By.ID, "txt2img_generate").click()  # enabled, but no source pair chosen
+
+    def error_shown(driver):
+        text = driver.find_element(By.ID, "txt2img_results").text
+        return text if "choose the source base checkpoint" in text else False
+
+    assert WebDriverWait(browser, TIMEOUT).until(error_shown)
