@@ -18,7 +18,7 @@ class DeltaSamplingScript(scripts.Script):
     def ui(self, is_img2img):
         components, paste_fields = ui.build(self.elem_id)
         self.infotext_fields = paste_fields
-        self.paste_field_names = []
+        self.paste_field_names = ui.infotext_keys()  # "Send to img2img/inpaint" carries the DS settings along
         return components
 
     def process(self, p, *args):

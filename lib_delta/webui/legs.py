@@ -11,6 +11,7 @@ applied to the adapted rows only (``RuntimeLora`` in ``rows_from`` mode).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,22 +58,17 @@ def _encode(model: torch.nn.Module, prompts: PromptSet) -> tuple[Any, Any]:
 
 def encode_legs(pair: SourcePair, prompts: PromptSet) -> LegConds:
     """Both legs' conditioning, each from its own text encoder (the adapted one with its LoRAs merged)."""
-    base_cond, base_uncond = _encode(pair.base.model, prompts)
-    if pair.adapted is not pair.base:
-        merged = pair.merged_text_encoder_loras()
-        try:
+    with pair.base.on_compute_device():
+        base_cond, base_uncond = _encode(pair.base.model, prompts)
+    if pair.adapted is pair.base and not pair.has_text_encoder_loras():
+        return LegConds(base_cond, base_uncond, base_cond, base_uncond)
+    merged = pair.merged_text_encoder_loras()
+    try:
+        with pair.adapted.on_compute_device():
             adapted_cond, adapted_uncond = _encode(pair.adapted.model, prompts)
-        finally:
-            if merged is not None:
-                merged.restore()
-    elif pair.has_text_encoder_loras():
-        merged = pair.merged_text_encoder_loras()
-        try:
-            adapted_cond, adapted_uncond = _encode(pair.adapted.model, prompts)
-        finally:
+    finally:
+        if merged is not None:
             merged.restore()
-    else:
-        adapted_cond, adapted_uncond = base_cond, base_uncond
     return LegConds(base_cond, base_uncond, adapted_cond, adapted_uncond)
 
 
@@ -119,20 +115,23 @@ def _run_segments(checkpoint: LoadedCheckpoint, segments: list[_Segment], runtim
         cond = _cat([s.cond for s in group])
         n_base = sum(s.x.shape[0] for s in group if not s.adapted)
         if runtime_lora is None:
-            out = checkpoint.denoiser(x, sigma, cond=_condition_dict(cond))
+            mode, split = "off", None
+        elif n_base == 0:
+            mode, split = "all", None
+        elif n_base == x.shape[0]:
+            mode, split = "off", None
         else:
-            if n_base == 0:
-                mode, split = "all", None
-            elif n_base == x.shape[0]:
-                mode, split = "off", None
-            else:
-                mode, split = "rows_from", n_base
-            with runtime_lora.scoped(mode, split):
-                out = checkpoint.denoiser(x, sigma, cond=_condition_dict(cond))
+            mode, split = "rows_from", n_base
+        with checkpoint.on_compute_device(), _lora_mode(runtime_lora, mode, split):
+            out = checkpoint.denoiser(x, sigma, cond=_condition_dict(cond))
         start = 0
         for seg in group:
             seg.out = out[start:start + seg.x.shape[0]]
             start += seg.x.shape[0]
+
+
+def _lora_mode(runtime_lora: Any, mode: str, split: int | None) -> Any:
+    return contextlib.nullcontext() if runtime_lora is None else runtime_lora.scoped(mode, split)
 
 
 def _combine(cond_out: torch.Tensor, uncond_out: torch.Tensor, conds_list: list, cond_scale: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,21 @@ class LoadedCheckpoint:
     lora_view: torch.nn.Module  # the model under its original module paths, as LoRA key names expect them
     lora_cache: dict[tuple, LoraNetwork] = field(default_factory=dict)
     runtime_lora: RuntimeLora | None = None  # hooks currently installed on this model (at most one set)
+    offload: bool = False  # --lowvram/--medvram: wait on the CPU, visit the GPU for each forward
+
+    @contextlib.contextmanager
+    def on_compute_device(self) -> Iterator[None]:
+        """Under --lowvram/--medvram, bring the model to the GPU for the duration of the block, then back."""
+        if not self.offload:
+            yield
+            return
+        from modules import devices
+
+        self.move(devices.device)
+        try:
+            yield
+        finally:
+            self.move(devices.cpu)
 
     @property
     def title(self) -> str:
@@ -252,6 +268,14 @@ def _wrap_text_encoders(model: Any) -> None:
         model.cond_stage_model = sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords(encoder, hijack)
     else:
         raise SourceModelError(f"unsupported text encoder {type(encoder).__name__} in a source checkpoint")
+
+
+def low_vram_mode(family: str | None = None) -> bool:
+    """The webui runs with --lowvram or --medvram (or --medvram-sdxl and an SDXL model)."""
+    from modules import shared
+
+    opts = shared.cmd_opts
+    return bool(opts.lowvram or opts.medvram or (getattr(opts, "medvram_sdxl", False) and family == "sdxl"))
 
 
 def target_dtype() -> torch.dtype:
@@ -490,18 +514,24 @@ class SourceCache:
     def checkpoint(self, info: Any, device: torch.device, dtype: torch.dtype, pinned: set[tuple]) -> tuple[
             LoadedCheckpoint, bool]:
         """A loaded checkpoint from the cache, or loaded now; returns (checkpoint, loaded_now)."""
+        from modules import devices
+
         key = (*_file_key(info.filename), str(dtype))
         with self._lock:
             loaded = self._models.get(key)
-            if loaded is not None:
-                self._models.move_to_end(key)
-                if loaded.device != device:
-                    loaded.move(device)
-                return loaded, False
-            self._evict(keep=pinned, room_for=1)
-            loaded = load_checkpoint(info, device, dtype)
-            self._models[key] = loaded
-            return loaded, True
+            fresh = loaded is None
+            if fresh:
+                self._evict(keep=pinned, room_for=1)
+                loaded = load_checkpoint(info, devices.cpu if low_vram_mode() else device, dtype)
+                self._models[key] = loaded
+            self._models.move_to_end(key)
+            # Deliberate policy under --lowvram/--medvram: the pair waits on the CPU and each leg visits the GPU
+            # for its own forward (slow, but it never holds more than one source model in VRAM).
+            loaded.offload = low_vram_mode(loaded.family) and device.type != "cpu"
+            wanted = devices.cpu if loaded.offload else device
+            if loaded.device != wanted:
+                loaded.move(wanted)
+            return loaded, fresh
 
     def _evict(self, keep: set[tuple], room_for: int) -> None:
         limit = self._limit()
