@@ -106,6 +106,7 @@ def begin_job(p: Any, args: tuple) -> None:
         p.extra_generation_params.update(params.infotext())
         return
     try:
+        _refuse_global_unet_patches()
         pair = CACHE.pair(params)
         print(f"Delta Sampling: {CACHE.last_event}")
         _write_infotext(p, job, pair)
@@ -116,6 +117,16 @@ def begin_job(p: Any, args: tuple) -> None:
         job.schedule = params.lambda_schedule()
     except Exception as exc:  # surfaced by the p.sample wrapper, see the module docstring
         job.fail(exc)
+
+
+def _refuse_global_unet_patches() -> None:
+    from modules import sd_unet
+
+    if getattr(sd_unet, "current_unet", None) is not None:
+        raise DeltaSamplingError(
+            f"the SD Unet option {sd_unet.current_unet_option.label!r} (e.g. TensorRT) is active: it replaces every "
+            "UNet's forward, the source models' too. Set Settings > SD Unet to None to use Delta Sampling"
+        )
 
 
 def _params_for(p: Any, args: tuple) -> DeltaParams:
