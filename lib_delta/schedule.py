@@ -63,8 +63,13 @@ class LambdaSchedule:
         return self.scale * decay_factor(self.decay, (progress - self.start) / width)
 
     def at_step(self, step: int, total_steps: int) -> float:
-        """lambda at denoiser call ``step`` of ``total_steps`` (progress = step / total_steps)."""
-        return self.at(step / max(total_steps, 1))
+        """lambda at denoiser call ``step`` of ``total_steps`` (progress = step / total_steps).
+
+        Some samplers make more calls than they announce (PLMS's warm-up call); those count as the last position, so
+        a window that runs to the end covers them too.
+        """
+        total = max(total_steps, 1)
+        return self.at(min(step, total - 1) / total)
 
 
 def guard_delta(scaled_delta: torch.Tensor, target_denoised: torch.Tensor, max_ratio: float) -> torch.Tensor:

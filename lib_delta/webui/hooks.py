@@ -43,6 +43,7 @@ class PassState:
 
     active: bool
     eps_space: bool = False
+    wrapper: str = "k"
     conds: LegConds | None = None
     schedule: DiscreteSchedule | None = None
     last_delta: torch.Tensor | None = None  # target-space x0 delta of the last computed call
@@ -123,9 +124,10 @@ def _refuse_global_unet_patches() -> None:
     from modules import sd_unet
 
     if getattr(sd_unet, "current_unet", None) is not None:
+        label = getattr(sd_unet.current_unet_option, "label", "?")
         raise DeltaSamplingError(
-            f"the SD Unet option {sd_unet.current_unet_option.label!r} (e.g. TensorRT) is active: it replaces every "
-            "UNet's forward, the source models' too. Set Settings > SD Unet to None to use Delta Sampling"
+            f"the SD Unet option {label!r} (e.g. TensorRT) is active: it replaces every UNet's forward, the source "
+            "models' too. Set Settings > SD Unet to None to use Delta Sampling"
         )
 
 
@@ -234,7 +236,7 @@ def _pass_state(job: DeltaJob, denoiser: Any) -> PassState:
     entry = job.passes.get(id(denoiser))
     if entry is not None and entry[0]() is denoiser:
         return entry[1]
-    from modules import sd_samplers_timesteps
+    from modules import sd_samplers_lcm, sd_samplers_timesteps
 
     p = denoiser.p
     is_hr = bool(getattr(p, "is_hr_pass", False))
@@ -246,6 +248,7 @@ def _pass_state(job: DeltaJob, denoiser: Any) -> PassState:
             conds = job.cond_cache[prompts] = encode_legs(job.pair, prompts)
         state.conds = conds
         state.eps_space = isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps)
+        state.wrapper = "lcm" if isinstance(denoiser, sd_samplers_lcm.CFGDenoiserLCM) else "k"
         if state.eps_space:
             state.schedule = DiscreteSchedule(p.sd_model.alphas_cumprod.detach().double().cpu())
     job.passes[id(denoiser)] = (weakref.ref(denoiser), state)
@@ -357,6 +360,7 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
             skip_uncond=_target_skips_uncond(denoiser, float(call.sigma[0])),
             cond_only=params.cond_only,
             batch_legs=params.batch_legs,
+            wrapper=state.wrapper,
         )
         legs = SourceLegs(job.pair, state.conds, request)
         delta = source_delta(x, sigma, legs, latent_map)

@@ -103,7 +103,7 @@ def _condition_dict(cond: Any) -> dict:
     return {"c_crossattn": [cond]}
 
 
-def _run_segments(checkpoint: LoadedCheckpoint, segments: list[_Segment], runtime_lora: Any) -> None:
+def _run_segments(checkpoint: LoadedCheckpoint, segments: list[_Segment], runtime_lora: Any, wrapper: str) -> None:
     """Denoise every segment, batching those with equal token lengths; base rows first, adapted rows after them."""
     groups: dict[tuple, list[_Segment]] = {}
     for seg in segments:
@@ -123,7 +123,7 @@ def _run_segments(checkpoint: LoadedCheckpoint, segments: list[_Segment], runtim
         else:
             mode, split = "rows_from", n_base
         with checkpoint.on_compute_device(), _lora_mode(runtime_lora, mode, split):
-            out = checkpoint.denoiser(x, sigma, cond=_condition_dict(cond))
+            out = checkpoint.denoiser_for(wrapper)(x, sigma, cond=_condition_dict(cond))
         start = 0
         for seg in group:
             seg.out = out[start:start + seg.x.shape[0]]
@@ -152,6 +152,7 @@ class LegRequest:
     skip_uncond: bool  # the target skipped its uncond rows at this call (NGMS / skip early CFG)
     cond_only: bool  # the user's cheaper variant: no uncond rows and no CFG for the source legs
     batch_legs: bool
+    wrapper: str = "k"  # "lcm" when the target samples with LCM (its denoiser scales x0 its own way)
 
 
 class SourceLegs:
@@ -177,16 +178,13 @@ class SourceLegs:
                 segments.append(_Segment(x, sigma, prompt_parser.reconstruct_cond_batch(uncond, req.step), adapted))
             legs.append((conds_list, segments, with_uncond))
 
-        if self.pair.shares_weights and req.batch_legs:
-            _run_segments(self.pair.base, [s for _, segs, _ in legs for s in segs], self.pair.runtime_lora)
+        pair, wrapper = self.pair, req.wrapper
+        if pair.shares_weights and req.batch_legs:
+            _run_segments(pair.base, [s for _, segs, _ in legs for s in segs], pair.runtime_lora, wrapper)
         else:
-            base_segments, adapted_segments = legs[0][1], legs[1][1]
-            if self.pair.shares_weights:
-                _run_segments(self.pair.base, base_segments, self.pair.runtime_lora)
-                _run_segments(self.pair.adapted, adapted_segments, self.pair.runtime_lora)
-            else:
-                _run_segments(self.pair.base, base_segments, None)
-                _run_segments(self.pair.adapted, adapted_segments, self.pair.runtime_lora)
+            base_lora = pair.runtime_lora if pair.shares_weights else None
+            _run_segments(pair.base, legs[0][1], base_lora, wrapper)
+            _run_segments(pair.adapted, legs[1][1], pair.runtime_lora, wrapper)
 
         results = []
         for conds_list, segments, with_uncond in legs:

@@ -154,6 +154,7 @@ class LoadedCheckpoint:
     lora_cache: dict[tuple, LoraNetwork] = field(default_factory=dict)
     runtime_lora: RuntimeLora | None = None  # hooks currently installed on this model (at most one set)
     offload: bool = False  # --lowvram/--medvram: wait on the CPU, visit the GPU for each forward
+    _lcm_denoiser: torch.nn.Module | None = None
 
     @contextlib.contextmanager
     def on_compute_device(self) -> Iterator[None]:
@@ -176,6 +177,16 @@ class LoadedCheckpoint:
     def nbytes(self, seen: set[int] | None = None) -> int:
         return _param_bytes(self.model, seen)
 
+    def denoiser_for(self, wrapper: str) -> torch.nn.Module:
+        """The k-diffusion wrapper matching the target's: the usual one, or LCM's (its own x0 scaling and t grid)."""
+        if wrapper != "lcm":
+            return self.denoiser
+        if self._lcm_denoiser is None:
+            from modules.sd_samplers_lcm import LCMCompVisDenoiser
+
+            self._lcm_denoiser = LCMCompVisDenoiser(self.model)
+        return self._lcm_denoiser
+
     @property
     def device(self) -> torch.device:
         return self.model.alphas_cumprod.device
@@ -183,6 +194,7 @@ class LoadedCheckpoint:
     def move(self, device: torch.device) -> None:
         self.denoiser.to(device)  # the denoiser holds the model as a submodule, plus its sigma tables
         self.model.alphas_cumprod = self.model.alphas_cumprod.to(device)
+        self._lcm_denoiser = None  # rebuilt on the new device when needed
 
     def drop_runtime_lora(self) -> None:
         if self.runtime_lora is not None:

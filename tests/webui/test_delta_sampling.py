@@ -79,7 +79,8 @@ def test_source_pair_alone_forms_the_delta(webui, scale):
 # --- equivalence with the adapted checkpoint ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "Euler a", "DDIM"])
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "Euler a", "DDIM", "Heun", "DPM++ 2M SDE", "Restart", "UniPC",
+                                     "PLMS", "LCM"])
 def test_lambda_one_with_target_as_base_reproduces_the_adapted_checkpoint(webui, sampler):
     a, b = webui.models.title("tiny-sd1-a"), webui.models.title("tiny-sd1-b")
     common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name=sampler, steps=6)
@@ -157,6 +158,33 @@ def test_inpainting_changes_only_the_masked_area(webui):
     outside[16:48, 16:48] = off[16:48, 16:48]
     assert abs(outside - off).max() <= 1, "DS changed pixels outside the mask"
     assert abs(got[20:44, 20:44] - off[20:44, 20:44]).mean() > 1, "DS did nothing inside the mask"
+
+
+def test_hires_checkpoint_and_refiner_swap_the_target_mid_job(webui):
+    a, b = webui.models.title("tiny-sd1-a"), webui.models.title("tiny-sd1-b")
+    hires = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6, hr_second_pass_steps=3,
+                 hr_checkpoint_name=b)
+    off = webui.txt2img(webui.payload("tiny-sd1-a", PROMPT, **hires))["images"][0]
+    res = webui.txt2img(webui.payload("tiny-sd1-a", PROMPT, **hires,
+                                      alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+    assert mean_abs_diff(res["images"][0], off) > 0.5
+    xa, xb = webui.models.title("tiny-sdxl-a"), webui.models.title("tiny-sdxl-b")
+    refiner = dict(refiner_checkpoint=xb, refiner_switch_at=0.5, steps=6)
+    off = webui.txt2img(webui.payload("tiny-sdxl-a", PROMPT, **refiner))
+    assert "Refiner" in infotext(off)
+    res = webui.txt2img(webui.payload("tiny-sdxl-a", PROMPT, **refiner,
+                                      alwayson_scripts=ds(scale=1.0, source=xa, adapted=xb)))
+    assert "Refiner" in infotext(res) and "Delta scale: 1.0" in infotext(res)
+    assert mean_abs_diff(res["images"][0], off["images"][0]) > 0.5
+
+
+def test_adapted_checkpoint_plus_lora(webui):
+    a, b = webui.models.title("tiny-sd1-a"), webui.models.title("tiny-sd1-b")
+    plain = webui.txt2img(webui.payload("tiny-sd1-a", PROMPT, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+    stacked = webui.txt2img(webui.payload("tiny-sd1-a", PROMPT, alwayson_scripts=ds(
+        scale=1.0, source=a, adapted=b, loras=[{"name": "tiny-sd1-lora", "weight": 1.0}])))
+    assert mean_abs_diff(plain["images"][0], stacked["images"][0]) > 0.5
+    assert f"Delta adapted: {b}" in infotext(stacked) and "Delta LoRAs" in infotext(stacked)
 
 
 def test_cross_family_source_pair(webui):
