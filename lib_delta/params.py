@@ -147,7 +147,9 @@ def parse_loras(value: Any, field_name: str = "loras") -> tuple[LoraSpec, ...]:
             items.append((m.group("name"), weight))
     elif isinstance(value, (list, tuple)):
         for item in value:
-            if isinstance(item, Mapping):
+            if isinstance(item, LoraSpec):
+                items.append((item.name, item.weight))
+            elif isinstance(item, Mapping):
                 unknown = set(item) - {"name", "weight"}
                 if unknown:
                     raise ParamError(field_name, f"unknown key(s) {sorted(unknown)} in {dict(item)!r}")

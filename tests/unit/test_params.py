@@ -135,6 +135,13 @@ def test_json_schema_describes_every_setting():
     json.dumps(schema)
 
 
+def test_replace_keeps_loras():
+    p = DeltaParams.create(enabled=True, source="b", loras="style:0.5, x")
+    assert p.replace(scale=2.0).loras == p.loras
+    assert p.replace(loras=[{"name": s.name, "weight": 1.5} for s in p.loras]).loras == (
+        LoraSpec("style", 1.5), LoraSpec("x", 1.5))
+
+
 def test_replace_validates_and_effective():
     p = DeltaParams.create(enabled=True, source="b", adapted="a")
     assert p.effective

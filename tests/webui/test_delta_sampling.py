@@ -285,6 +285,24 @@ def test_xyz_plot_over_delta_scale(webui):
     assert image_array(plain["images"][0]).tobytes() == image_array(images[1]).tobytes()
 
 
+def test_xyz_enabled_and_lora_weight_axes_do_not_leak(webui):
+    a = webui.models.title("tiny-sd1-a")
+    info = webui.get("/sdapi/v1/script-info").json()
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    names = xyz["args"][0]["choices"]
+    # Axes with choices take their values from the dropdown list, not the text.
+    script_args = [names.index("Delta enabled"), "", ["True", "False"], names.index("Delta LoRA weight"), "0.5, 1.5",
+                   [], 0, "", [], True, True, False, False, False, False, False, 0, False]
+    res = webui.txt2img(webui.payload("tiny-sd1-b", PROMPT, script_name="x/y/z plot", script_args=script_args,
+                                      alwayson_scripts=ds(scale=1.0, source=a, loras="tiny-sd1-lora:1")))
+    texts = json.loads(res["info"])["infotexts"][1:]  # the grid comes first
+    enabled = [t for t in texts if "Delta sampling: True" in t]
+    disabled = [t for t in texts if "Delta" not in t]
+    assert len(enabled) == 2 and len(disabled) == 2, [t.splitlines()[-1] for t in texts]
+    assert sorted('"tiny-sd1-lora:0.5"' in t for t in enabled) == [False, True]
+    assert sorted('"tiny-sd1-lora:1.5"' in t for t in enabled) == [False, True]
+
+
 def test_routes(webui):
     assert webui.get("/delta-sampling/v1/version").json()["version"]
     schema = webui.get("/delta-sampling/v1/schema").json()
