@@ -34,7 +34,7 @@ JOB_ATTR = "delta_sampling_job"
 XYZ_ATTR = "delta_sampling_xyz"
 """Per-cell overrides set by the XYZ axes: a dict of setting name -> value, replaced (never mutated) per cell."""
 
-INFOTEXT_KEYS = [s.infotext for s in SETTINGS] + ["Delta LoRA hashes", "Delta error"]
+INFOTEXT_KEYS = [s.infotext for s in SETTINGS] + ["Delta LoRA hashes"]
 
 
 @dataclass

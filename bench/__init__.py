@@ -1,0 +1,1 @@
+"""Speed and memory bench of Delta Sampling (see README.md); nothing here is imported by the extension."""
