@@ -122,3 +122,19 @@ def test_speed_options(webui):
     assert image_array(cond_only["images"][0]).tobytes() != image_array(full["images"][0]).tobytes()
     assert "Delta cond only: True" in cond_only["info"] and "Delta reuse: 2" in reuse["info"]
     assert full_counts["source_calls"] == 8
+
+
+def test_settings_section_and_unload_residency(webui):
+    a, b = webui.models.title("tiny-sd1-a"), webui.models.title("tiny-sd1-b")
+    options = webui.get("/sdapi/v1/options").json()
+    assert options["delta_sampling_residency"] == "gpu"
+    assert options["delta_sampling_dtype"] == "auto"
+    assert options["delta_sampling_cache_size"] == 2
+    assert webui.post("/sdapi/v1/options", json={"delta_sampling_residency": "unload"}).status_code == 200
+    try:
+        webui.txt2img(webui.payload("tiny-sd1-a", PROMPT, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+        assert webui.get("/delta-sampling/v1/status").json()["models"] == []
+    finally:
+        webui.post("/sdapi/v1/options", json={"delta_sampling_residency": "gpu"})
+    webui.txt2img(webui.payload("tiny-sd1-a", PROMPT, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+    assert len(webui.get("/delta-sampling/v1/status").json()["models"]) == 2
