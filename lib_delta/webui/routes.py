@@ -1,9 +1,10 @@
 """HTTP routes under ``/delta-sampling/v1/``: version, schema, status, unload.
 
 Routes added to the app directly bypass the webui's ``--api-auth``; these check it exactly as ``Api.auth`` does.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: FastAPI reads the dependency's annotations at registration, and string
+annotations would be resolved in this module's globals, where the lazily imported FastAPI names are not.
+"""
 
 import os
 from secrets import compare_digest

@@ -417,7 +417,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 def start_webui(models: TinyModels, data_dir: Path, default_name: str = "tiny-sd1-a",
-                extra_args: list[str] | None = None) -> WebUI:
+                extra_args: list[str] | None = None, auth: tuple[str, str] | None = None) -> WebUI:
     import requests
 
     default = models.checkpoints[default_name]
@@ -433,6 +433,7 @@ def start_webui(models: TinyModels, data_dir: Path, default_name: str = "tiny-sd
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     session = requests.Session()
     session.trust_env = False  # never route 127.0.0.1 through a proxy
+    session.auth = auth  # for a webui started with --api-auth (readiness polls an authenticated route)
     ui = WebUI(url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, log_path=log_path, session=session,
                models=models, process=proc, default_checkpoint=default.title, extension_dir=ext)
     deadline = t0 + STARTUP_TIMEOUT
