@@ -31,14 +31,10 @@ def main() -> None:
     ap.add_argument("--unet-ch", type=int, default=128)
     args = ap.parse_args()
 
-    webui = os.path.abspath(os.path.expanduser(args.webui_dir))
-    sys.path[:0] = [webui, os.path.join(webui, "repositories", "stable-diffusion-stability-ai"),
-                    os.path.join(webui, "repositories", "generative-models"),
-                    os.path.join(webui, "repositories", "k-diffusion")]
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
     import make_tiny_models as mt
+
+    mt.enter_webui(args.webui_dir)
+
     import safetensors.torch
     import torch
     import yaml
