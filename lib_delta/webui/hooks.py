@@ -24,7 +24,7 @@ import torch
 from ..delta import source_delta
 from ..errors import DeltaSamplingError, ParamError
 from ..latent import LatentFormat, LatentMap
-from ..params import SETTINGS, DeltaParams
+from ..params import SETTINGS_BY_INFOTEXT, DeltaParams
 from ..schedule import LambdaSchedule, guard_delta
 from ..timesteps import DiscreteSchedule, vp_to_ve, x0_delta_to_eps
 from .legs import LegConds, LegRequest, PromptSet, SourceLegs, encode_legs
@@ -34,7 +34,7 @@ JOB_ATTR = "delta_sampling_job"
 XYZ_ATTR = "delta_sampling_xyz"
 """Per-cell overrides set by the XYZ axes: a dict of setting name -> value, replaced (never mutated) per cell."""
 
-INFOTEXT_KEYS = [s.infotext for s in SETTINGS] + ["Delta LoRA hashes"]
+INFOTEXT_KEYS = [*SETTINGS_BY_INFOTEXT, "Delta LoRA hashes"]
 
 
 @dataclass

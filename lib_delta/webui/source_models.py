@@ -481,7 +481,6 @@ class SourcePair:
     loras: list[tuple[LoraNetwork, float]]
     runtime_lora: RuntimeLora | None
     loaded_now: list[str]  # titles loaded for this generation (empty: everything came from the cache)
-    lora_text: str  # "name:weight [hash], ..." for infotext
 
     @property
     def shares_weights(self) -> bool:
@@ -597,10 +596,7 @@ class SourceCache:
                 adapted.runtime_lora = runtime
             self.last_event = (f"loaded {', '.join(loaded_now)}" if loaded_now
                                else "reused the cached source models (nothing loaded)")
-            lora_text = ", ".join(
-                f"{spec.name}:{spec.weight:g}" for spec in params.loras
-            )
-            return SourcePair(base, adapted, networks, runtime, loaded_now, lora_text)
+            return SourcePair(base, adapted, networks, runtime, loaded_now)
 
     def park(self) -> None:
         """Apply the residency setting after a generation: stay, move to CPU, or unload."""

@@ -17,10 +17,6 @@ from .source_models import CACHE
 ENABLED_KEY = SETTINGS[0].infotext
 
 
-def infotext_keys() -> list[str]:
-    return [s.infotext for s in SETTINGS]
-
-
 def checkpoint_titles() -> list[str]:
     from modules import sd_models
 
