@@ -557,7 +557,12 @@ def test_sdxl_file_on_sd1_model_matches_nothing():
     net = parse_network(sd, "sd1", model=model, name="xl_style")
     assert net.matched_keys == 0 and not net.modules
     assert net.unmatched_keys == list(sd)
-    assert net.summary() == "xl_style: 0 of 4 keys matched (0 modules)"
+    assert net.summary() == (
+        "xl_style: 0 of 4 keys applied (0 modules); not applied: 4 "
+        "(lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight, "
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight, "
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha, ...)"
+    )
 
 
 def test_parse_against_standard_layout_without_model():
@@ -571,28 +576,45 @@ def test_parse_against_standard_layout_without_model():
     }
 
 
-def test_unsupported_types_and_bundled_embeddings_are_skipped():
+def test_bundled_embeddings_and_unread_parts_are_skipped_and_counted():
     model = sd1_model()
-    sd = {
-        f"{key(TO_Q)}.weight": rand(8),  # IA3
-        f"{key(FF_OUT)}.oft_blocks": rand(1, 5, 5),
-        "bundle_emb.myword.string_to_param.*": rand(1, 8),
-        f"{key(PROJ_IN)}.lokr_w1": rand(2, 2),  # incomplete LoKr
-    }
-    net = parse_network(sd, "sd1", model=model)
-    assert net.matched_keys == 0 and not net.unmatched_keys
-    assert "IA3" in net.skipped_keys[f"{key(TO_Q)}.weight"]
-    assert "OFT" in net.skipped_keys[f"{key(FF_OUT)}.oft_blocks"]
+    sd = lora_linear_sd(TO_Q, 8, 8, 4, alpha=2.0)
+    sd["bundle_emb.myword.string_to_param.*"] = rand(1, 8)
+    sd[f"{key(TO_Q)}.hada_t1"] = rand(2, 2, 1, 1)  # a part the webui's LoRA module does not read
+    net = parse_network(sd, "sd1", model=model, name="emb")
+    assert net.matched_keys == 3 and not net.unmatched_keys
     assert "embedding" in net.skipped_keys["bundle_emb.myword.string_to_param.*"]
-    assert "unknown" in net.skipped_keys[f"{key(PROJ_IN)}.lokr_w1"]
+    assert "not read by a LoRA module" in net.skipped_keys[f"{key(TO_Q)}.hada_t1"]
+    assert net.skipped_text() == f"2 (bundle_emb.myword.string_to_param.*, {key(TO_Q)}.hada_t1)"
+    assert net.summary().startswith("emb: 3 of 5 keys applied (1 modules: LoRA 1); not applied: 2 (")
 
 
-def test_unsupported_target_module_is_skipped():
-    norm = U + "input_blocks.1.1.norm"
-    model = build({norm: nn.GroupNorm(2, 8)})
-    sd = {f"{key(norm)}.diff": rand(8)}
-    net = parse_network(sd, "sd1", model=model)
-    assert "GroupNorm" in net.skipped_keys[f"{key(norm)}.diff"]
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        ({"lokr_w1": (2, 2)}, "no module type accepts"),  # incomplete LoKr
+        ({"w_norm": (8,)}, "no module type accepts"),  # norm without b_norm
+        ({"a1.weight": (2, 8), "a2.weight": (8, 2), "b1.weight": (2, 8), "b2.weight": (8, 2)}, "no module type"),
+        ({"weight": (8,)}, "IA3.*on_input"),
+    ],
+)
+def test_parts_no_module_type_accepts_are_an_error_naming_the_module(parts, message):
+    sd = {f"{key(TO_Q)}.{p}": rand(*shape) for p, shape in parts.items()}
+    with pytest.raises(LoraError, match=message) as info:
+        parse_network(sd, "sd1", model=sd1_model(), name="odd")
+    assert key(TO_Q) in str(info.value)
+
+
+def test_modules_the_webui_does_not_patch_are_skipped():
+    emb = U + "label_emb.0"
+    model = build({emb: nn.Embedding(4, 8)})
+    sd = {f"{compvis_to_kohya_sdxl_like(emb)}.diff": rand(4, 8)}
+    net = parse_network(sd, "sdxl", model=model)
+    assert "Embedding" in net.skipped_keys[next(iter(sd))]
+
+
+def compvis_to_kohya_sdxl_like(path):
+    return "lora_unet_" + path[len(U):].replace(".", "_")
 
 
 def test_non_finite_values_are_rejected():
@@ -649,10 +671,13 @@ def test_misc_errors():
 
 def test_runtime_refuses_multihead_attention():
     model = build({OC + "attn": nn.MultiheadAttention(8, 2)})
-    net = parse_network(lora_linear_sd(OC + "attn.q_proj", 8, 8, 2, family="sd2"), "sd2", model=model)
-    with pytest.raises(LoraError, match=r"Linear and Conv2d modules only.*MultiheadAttention"):
+    sd = {}
+    for i, part in enumerate(("q_proj", "k_proj", "v_proj", "out_proj")):
+        sd |= lora_linear_sd(f"{OC}attn.{part}", 8, 8, 2, family="sd2", seed=10 * i + 1)
+    net = parse_network(sd, "sd2", model=model)
+    with pytest.raises(LoraError, match=r"Conv2d, GroupNorm and LayerNorm modules only.*MultiheadAttention"):
         RuntimeLora(model, [(net, 1.0)])
-    (delta,) = net.modules[OC + "attn"]
+    delta = net.modules[OC + "attn"][0]
     with pytest.raises(LoraError, match="merge it instead"):
         delta.forward_delta(model.get_submodule(OC + "attn"), rand(3, 1, 8))
     assert all(not m._forward_hooks for m in model.modules())
