@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lora_keys import FAMILIES, SLICES, LoraError, ModuleNameIndex, check_family, kohya_to_module
+from .lora_keys import FAMILIES, SLICES, LoraError, LoraMisfitError, ModuleNameIndex, check_family, kohya_to_module
 
 __all__ = [
     "FAMILIES",
     "LoraError",
+    "LoraMisfitError",
     "LoraNetwork",
     "MergedLora",
     "ModuleDelta",
@@ -222,8 +223,11 @@ class ModuleDelta:
         # IA3, full, norm and GLoRA have no rank in the webui (dim None): their alpha is not used.
         return None
 
-    def _bad(self, message: str) -> LoraError:
-        return LoraError(f"{self.key} ({KIND_NAMES.get(self.kind, self.kind)}): {message}")
+    def _bad(self, message: str, error: type[LoraError] = LoraError) -> LoraError:
+        return error(f"{self.key} ({KIND_NAMES.get(self.kind, self.kind)}): {message}")
+
+    def _misfit(self, message: str) -> LoraError:
+        return self._bad(message, LoraMisfitError)
 
     def _raw_shape(self) -> tuple[int, ...] | None:
         """Shape of the unreshaped ΔW of weight-independent types, from the factor shapes only (cheap enough to
@@ -327,7 +331,7 @@ class ModuleDelta:
         bias_name = _BIAS_PART.get(self.kind)
         ex_bias = self.parts.get(bias_name) if bias_name else None
         if ex_bias is not None and ex_bias.numel() != weight.shape[0]:
-            raise self._bad(
+            raise self._misfit(
                 f"{bias_name} of shape {tuple(ex_bias.shape)} does not fit {self.path} with {weight.shape[0]} outputs"
             )
 
@@ -345,15 +349,15 @@ class ModuleDelta:
             elif len(shape) == 4 and shape[1] == 9 and _prod(raw) * 9 == _prod(shape) * 4 and raw[0] == shape[0]:
                 how = "pad"
             else:
-                raise self._bad(f"delta of shape {raw} does not fit the weight of {where}, shape {shape}")
+                raise self._misfit(f"delta of shape {raw} does not fit the weight of {where}, shape {shape}")
         raw_numel = _prod(shape if how == "reshape" or self.raw_shape is None else self.raw_shape)
         if self.bias_part is not None and self.bias_part.numel() != raw_numel:
-            raise self._bad(f"bias part of shape {tuple(self.bias_part.shape)} does not fit the weight of {where}")
+            raise self._misfit(f"bias part of shape {tuple(self.bias_part.shape)} does not fit the weight of {where}")
         return how
 
     def _fit_weight_dependent(self, shape: tuple[int, ...], where: str) -> None:
         p = self.parts
-        misfit = self._bad
+        misfit = self._misfit
         if self.kind == "ia3":
             w = p["weight"]
             n = shape[1] if self.on_input else shape[0]
@@ -493,7 +497,7 @@ class ModuleDelta:
         assert self.dora_scale is not None
         result = merged * (self.dora_scale.to(weight) / norm) - weight
         if result.shape != weight.shape:
-            raise self._bad(f"dora_scale of shape {tuple(self.dora_scale.shape)} does not fit weight {weight.shape}")
+            raise self._misfit(f"dora_scale of shape {tuple(self.dora_scale.shape)} does not fit weight {weight.shape}")
         return result
 
     def delta_bias(self, weight: Tensor, multiplier: float = 1.0) -> Tensor | None:

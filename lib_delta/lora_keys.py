@@ -29,11 +29,13 @@ __all__ = [
     "FAMILIES",
     "SLICES",
     "LoraError",
+    "LoraMisfitError",
     "ModuleNameIndex",
     "check_family",
     "compvis_to_kohya",
     "diffusers_to_compvis",
     "kohya_to_module",
+    "layers_named_per_family",
     "standard_module_paths",
     "webui_layer_name",
 ]
@@ -46,6 +48,10 @@ UNET_PREFIX = "model.diffusion_model."
 
 class LoraError(DeltaSamplingError, ValueError):
     """A LoRA/LyCORIS file cannot be mapped or applied; the message names the key, module or shapes involved."""
+
+
+class LoraMisfitError(LoraError):
+    """A delta's shape does not fit the layer its key names (typically: a file made for another model family)."""
 
 
 def check_family(family: str) -> str:
@@ -215,7 +221,16 @@ def kohya_to_module(
         path = index.get(base.replace("lora_te1_text_model", "0_transformer_text_model"))
         if path is None:
             path = index.get(base.replace("lora_te1_text_model", "transformer_text_model"))
+    elif "oft_unet" in base:  # kohya's OFT names UNet modules by their compvis paths under this prefix
+        path = index.get(base.replace("oft_unet", "diffusion_model"))
     return (path, None) if path is not None else None
+
+
+def layers_named_per_family(keys: Iterable[str]) -> dict[str, int]:
+    """How many distinct module keys of ``keys`` name a layer of each family's full-size standard layout: tells a
+    file made for another family from one whose keys name nothing at all."""
+    modules = {key.partition(".")[0] for key in keys}
+    return {family: sum(1 for m in modules if kohya_to_module(m, family) is not None) for family in FAMILIES}
 
 
 # --- module path -> kohya key (the inverse, for fixtures and reports) ----------------------------------------------

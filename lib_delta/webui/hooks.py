@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from fastapi.exceptions import HTTPException
 
 from ..delta import source_delta
 from ..errors import DeltaSamplingError, ParamError
@@ -34,7 +35,27 @@ JOB_ATTR = "delta_sampling_job"
 XYZ_ATTR = "delta_sampling_xyz"
 """Per-cell overrides set by the XYZ axes: a dict of setting name -> value, replaced (never mutated) per cell."""
 
-INFOTEXT_KEYS = [*SETTINGS_BY_INFOTEXT, "Delta LoRA hashes"]
+SKIPPED_KEYS_INFOTEXT = "Delta LoRA skipped keys"
+INFOTEXT_KEYS = [*SETTINGS_BY_INFOTEXT, "Delta LoRA hashes", SKIPPED_KEYS_INFOTEXT]
+
+
+class RequestError(DeltaSamplingError, HTTPException):
+    """A Delta Sampling error the request caused (a bad setting, file or name): the webui's API handler answers an
+    HTTPException with its status and message and prints no traceback for it; internal errors keep theirs."""
+
+    def __init__(self, message: str, status_code: int = 422) -> None:
+        DeltaSamplingError.__init__(self, message)
+        HTTPException.__init__(self, status_code=status_code, detail=message)
+        self.status_code = status_code
+
+    @classmethod
+    def from_error(cls, exc: DeltaSamplingError) -> RequestError:
+        error = cls(str(exc), exc.status_code)
+        error.__cause__ = exc
+        return error
+
+    def __str__(self) -> str:
+        return str(self.detail)
 
 
 @dataclass
@@ -169,6 +190,11 @@ def _write_infotext(p: Any, job: DeltaJob, pair: SourcePair) -> None:
             on_disk.read_hash()  # the webui's own LoRA hash (computed once, then cached by the webui)
             hashes.append(f"{net.name}: {on_disk.shorthash or 'unknown'}")
         entries["Delta LoRA hashes"] = ", ".join(hashes)
+        # Keys that change nothing (no such layer, or a layer the webui would not apply them to either): the image
+        # says how much of each file it got, not only that the file was named.
+        skipped = [f"{net.name}: {net.skipped_text()}" for net, _ in pair.loras if net.not_applied]
+        if skipped:
+            entries[SKIPPED_KEYS_INFOTEXT] = "; ".join(skipped)
     p.extra_generation_params.update(entries)
 
 
@@ -181,7 +207,10 @@ def _install(p: Any, job: DeltaJob) -> None:
             if job.error is None:
                 result = original(*args, **kwargs)
             if job.error is not None:
-                raise _public_error(job.error)
+                error = _public_error(job.error)
+                if isinstance(error, RequestError):
+                    print(f"Delta Sampling: {error}")  # the request's own mistake: one line, no traceback
+                raise error
             return result
         except BaseException:
             job.finish()
@@ -191,8 +220,11 @@ def _install(p: Any, job: DeltaJob) -> None:
 
 
 def _public_error(exc: BaseException) -> BaseException:
-    """The error as users see it: DS's own errors as they are, anything else wrapped with context."""
+    """The error as users see it: a :class:`RequestError` for DS errors the request caused (status < 500), DS's
+    other errors as they are, anything else wrapped with context."""
     if isinstance(exc, DeltaSamplingError):
+        if exc.status_code < 500:
+            return RequestError.from_error(exc)
         return exc
     wrapped = DeltaSamplingError(f"Delta Sampling failed: {type(exc).__name__}: {exc}")
     wrapped.__cause__ = exc

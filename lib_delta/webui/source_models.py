@@ -29,7 +29,8 @@ import torch
 
 from ..errors import DeltaSamplingError
 from ..latent import LATENT_FORMATS, LatentFormat
-from ..lora import LoraError, LoraNetwork, MergedLora, RuntimeLora, merge, parse_network
+from ..lora import LoraError, LoraMisfitError, LoraNetwork, MergedLora, RuntimeLora, merge, parse_network
+from ..lora_keys import layers_named_per_family
 from ..params import DeltaParams, LoraSpec
 
 
@@ -440,14 +441,26 @@ def load_lora(checkpoint: LoadedCheckpoint, spec: LoraSpec) -> LoraNetwork:
             "source base's family")
     try:
         network = parse_network(state_dict, checkpoint.family, name=spec.name, model=checkpoint.lora_view)
-    except LoraError as exc:
+    except LoraMisfitError as exc:
         raise SourceModelError(
             f"loras: {spec.name} does not fit the {checkpoint.family} source {checkpoint.info.name}: {exc}; {hint}"
         ) from exc
+    except LoraError as exc:
+        raise SourceModelError(f"loras: {spec.name} ({on_disk.filename}) cannot be applied: {exc}") from exc
     if network.matched_keys == 0:
+        per_family = layers_named_per_family(state_dict)
+        others = [family for family, count in per_family.items() if count and family != checkpoint.family]
+        if others and per_family[checkpoint.family] < max(per_family[f] for f in others):
+            why = (f"its keys name layers of {' / '.join(others)} models; {hint}")
+        elif network.skipped_keys:
+            reasons = sorted(set(network.skipped_keys.values()))
+            why = f"the webui would not apply any of them either ({'; '.join(reasons[:2])})"
+        else:
+            why = (f"none of its keys names a layer of this model (first: {', '.join(network.not_applied[:3])}); "
+                   "it is not a LoRA/LyCORIS file for this family")
         raise SourceModelError(
             f"loras: {spec.name} matched 0 of {network.total_keys} keys of the {checkpoint.family} source "
-            f"{checkpoint.info.name}; {hint}"
+            f"{checkpoint.info.name}: {why}"
         )
     network.on_disk = on_disk
     checkpoint.lora_cache[key] = network
@@ -596,6 +609,8 @@ class SourceCache:
                 adapted.runtime_lora = runtime
             self.last_event = (f"loaded {', '.join(loaded_now)}" if loaded_now
                                else "reused the cached source models (nothing loaded)")
+            if networks:
+                self.last_event += "; LoRA " + "; ".join(net.summary() for net, _ in networks)
             return SourcePair(base, adapted, networks, runtime, loaded_now)
 
     def park(self) -> None:
@@ -640,6 +655,9 @@ class SourceCache:
                     "bytes": loaded.nbytes(seen),
                     "load_seconds": round(loaded.load_seconds, 3),
                     "loras_parsed": [net.name for net in loaded.lora_cache.values()],
+                    "loras": [{"name": net.name, "applied_keys": net.matched_keys,
+                               "not_applied_keys": len(net.not_applied), "first_not_applied": net.not_applied[:3],
+                               "module_types": net.kinds()} for net in loaded.lora_cache.values()],
                 })
             return {
                 "models": models,

@@ -16,6 +16,7 @@ from lib_delta.lora_keys import (
     compvis_to_kohya,
     diffusers_to_compvis,
     kohya_to_module,
+    layers_named_per_family,
     standard_module_paths,
 )
 
@@ -356,3 +357,15 @@ def test_index_family_mismatch():
     assert len(index) == 1
     with pytest.raises(LoraError, match="built for family 'sd1'"):
         kohya_to_module("lora_unet_conv_in", "sdxl", index)
+
+
+def test_layers_named_per_family_tells_another_family_from_nothing():
+    sdxl = ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight",
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"]
+    counts = layers_named_per_family(sdxl)
+    # the UNet key also names an SD1/SD2 layer by the webui's compvis fallback; the te2 key names SDXL only
+    assert counts == {"sd1": 1, "sd2": 1, "sdxl": 2}
+    sd1 = ["lora_unet_down_blocks_0_attentions_0_proj_in.alpha", "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"]
+    counts = layers_named_per_family(sd1)
+    assert counts["sd1"] == 2 and counts["sdxl"] < 2
+    assert layers_named_per_family(["lora_unet_nothing_here.alpha", "junk"]) == {"sd1": 0, "sd2": 0, "sdxl": 0}
