@@ -132,10 +132,10 @@ class Checkpoint:
 class Lora:
     name: str              # "tiny-sd1-lora" (what goes into <lora:NAME:w>)
     family: str
-    kind: str              # "lora" | "locon" | "loha" | "lokr" | "nomatch"
+    kind: str              # "lora" | "locon" | "loha" | "lokr" | "norm" | ... (README) | "nomatch"
     file: str
     path: Path
-    expect_match: bool     # False only for the "nomatch" file
+    expect_match: bool     # False for "nomatch", "partial" and "badtype"
     module_keys: tuple     # kohya module keys in the file
     bytes: int
 
