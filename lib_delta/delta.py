@@ -15,6 +15,7 @@ import torch
 
 from .errors import DeltaSamplingError
 from .latent import LatentFormat, LatentMap, resolve_format
+from .resolution import pool_sample, upsample_delta
 from .timesteps import DiscreteSchedule, vp_to_ve, x0_delta_to_eps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,18 +54,28 @@ def source_delta(
     sigma: torch.Tensor,
     legs: PairDenoiser,
     latent_map: LatentMap,
+    *,
+    factor: int = 1,
+    upsample: str = "bilinear",
 ) -> torch.Tensor:
-    """``convert(D_adapted(x_s, sigma_s) - D_base(x_s, sigma_s))`` in the target's space (unscaled by lambda)."""
+    """``convert(D_adapted(x_s, sigma_s) - D_base(x_s, sigma_s))`` in the target's space (unscaled by lambda).
+
+    With ``factor`` k > 1 the legs are asked on a k times coarser grid: ``x_s`` average-pooled at ``sigma_s / k``
+    (after the latent map, with which pooling commutes), and their delta is upsampled back (:mod:`.resolution`).
+    ``factor == 1`` is exactly the full-resolution delta."""
     x_s = latent_map.sample_to_source(x)
     sigma_s = latent_map.sigma_to_source(sigma)
+    x_s, sigma_s = pool_sample(x_s, sigma_s, factor)
     d_base, d_adapted = legs(x_s, sigma_s)
     check_finite(d_base, "source base model")
     check_finite(d_adapted, "source adapted model")
     if d_base.shape != x_s.shape or d_adapted.shape != x_s.shape:
         raise DeltaSamplingError(
-            f"source legs returned shapes {tuple(d_base.shape)} and {tuple(d_adapted.shape)}; expected {tuple(x.shape)}"
+            f"source legs returned shapes {tuple(d_base.shape)} and {tuple(d_adapted.shape)}; "
+            f"expected {tuple(x_s.shape)}"
         )
-    return latent_map.delta_to_target(d_adapted.to(x.dtype) - d_base.to(x.dtype))
+    delta = latent_map.delta_to_target(d_adapted.to(x.dtype) - d_base.to(x.dtype))
+    return upsample_delta(delta, factor, (x.shape[-2], x.shape[-1]), upsample)
 
 
 def pair_of(base: Denoiser, adapted: Denoiser) -> PairDenoiser:
@@ -88,11 +99,14 @@ def delta_denoised(
     scale: float,
     source: str | LatentFormat,
     target: str | LatentFormat,
+    factor: int = 1,
+    upsample: str = "bilinear",
 ) -> torch.Tensor:
     """Delta Sampling on x0 predictions for one denoiser call.
 
     ``x``, ``target_denoised``: (B, C, H, W) in the target's scaled latent space (k-diffusion form ``x = x0 + sigma *
-    eps``); ``sigma``: (B,); ``base``/``adapted``: source-space x0 denoisers; ``scale``: lambda. Returns
+    eps``); ``sigma``: (B,); ``base``/``adapted``: source-space x0 denoisers; ``scale``: lambda;
+    ``factor``/``upsample``: the legs' grid (:func:`source_delta`). Returns
     ``target_denoised`` itself when ``scale == 0`` or ``base is adapted`` (no source call is made); raises
     :class:`DeltaSamplingError` for incompatible formats, bad shapes and non-finite source outputs.
     """
@@ -102,7 +116,7 @@ def delta_denoised(
         return target_denoised
     _check_scale(scale)
     _check_shapes(x, sigma, target_denoised, target_format)
-    delta = source_delta(x, sigma, pair_of(base, adapted), latent_map)
+    delta = source_delta(x, sigma, pair_of(base, adapted), latent_map, factor=factor, upsample=upsample)
     return target_denoised + scale * delta
 
 
@@ -122,6 +136,7 @@ def delta_eps(
     source: str | LatentFormat,
     target: str | LatentFormat,
     schedule: DiscreteSchedule | None = None,
+    factor: int = 1,
 ) -> torch.Tensor:
     """Delta Sampling for epsilon-space samplers (DDIM, PLMS, UniPC): the same delta as :func:`delta_denoised`.
 
@@ -136,5 +151,5 @@ def delta_eps(
     _check_scale(scale)
     x, sigma = vp_to_ve(x_t, t, schedule or DiscreteSchedule())
     _check_shapes(x, sigma, target_eps, target_format)
-    delta = source_delta(x, sigma, pair_of(base, adapted), latent_map)
+    delta = source_delta(x, sigma, pair_of(base, adapted), latent_map, factor=factor)
     return target_eps + scale * x0_delta_to_eps(delta, sigma)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ParamError
+from .resolution import RESOLUTION_CHOICES
 from .schedule import DECAY_SHAPES, LambdaSchedule
 
 NONE_CHOICE = "None"
@@ -101,6 +102,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch_legs", "Batch source legs", "Delta batch legs", "bool", True,
             "Evaluate the base and adapted legs in one batched forward where they share weights. Exact; turn off only "
             "to save peak memory.", advanced=True),
+    Setting("source_resolution", "Source resolution", "Delta source resolution", "choice", "target",
+            "Grid the source legs run on. 'target': the target's own (exact). 'native': the source family's trained "
+            "size (SD1 512², SD2 768², SDXL 1024²): the noisy latent is average-pooled by a whole factor and the "
+            "delta upsampled back, e.g. SD1.5 legs at 512² for an SDXL target at 1024², about 4x cheaper; fine "
+            "detail of the delta above the coarse grid is lost. 2/3/4: that pooling factor.",
+            choices=RESOLUTION_CHOICES, advanced=True, xyz=True),
 )
 
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -196,6 +203,8 @@ def _validate_value(setting: Setting, value: Any) -> Any:
             raise ParamError(setting.name, f"expected a checkpoint name or null, got {type(value).__name__} {value!r}")
         return value.strip()
     if kind == "choice":
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in setting.choices:
+            value = str(value)  # a factor given as a number (source_resolution: 2)
         if value not in setting.choices:
             raise ParamError(setting.name, f"expected one of {', '.join(setting.choices)}; got {value!r}")
         return value
@@ -224,6 +233,7 @@ class DeltaParams:
     reuse_steps: int = 1
     cond_only: bool = False
     batch_legs: bool = True
+    source_resolution: str = "target"
 
     # -- construction ---------------------------------------------------------------------------------------------
 

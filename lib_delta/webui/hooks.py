@@ -15,6 +15,7 @@ UI shows it, and no image claims DS it did not get.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +27,14 @@ from ..delta import source_delta
 from ..errors import DeltaSamplingError, ParamError
 from ..latent import LatentFormat, LatentMap
 from ..params import SETTINGS_BY_INFOTEXT, DeltaParams
+from ..resolution import pooled_size, pooling_factor
 from ..schedule import LambdaSchedule, guard_delta
 from ..timesteps import DiscreteSchedule, vp_to_ve, x0_delta_to_eps
 from .legs import LegConds, LegRequest, PromptSet, SourceLegs, encode_legs
 from .source_models import CACHE, SourcePair, latent_format_of
 
 JOB_ATTR = "delta_sampling_job"
+LATENT_CELL = 8  # pixels per latent cell in every SD family (the VAE's downsampling)
 XYZ_ATTR = "delta_sampling_xyz"
 """Per-cell overrides set by the XYZ axes: a dict of setting name -> value, replaced (never mutated) per cell."""
 
@@ -69,6 +72,7 @@ class PassState:
     schedule: DiscreteSchedule | None = None
     last_delta: torch.Tensor | None = None  # target-space x0 delta of the last computed call
     calls_in_window: int = 0
+    factor: int = 1  # the legs' grid is this many times coarser than the pass's (source_resolution)
 
 
 @dataclass
@@ -94,6 +98,7 @@ class DeltaJob:
         if self.target_calls:
             CACHE.last_generation = {"target_calls": self.target_calls, "source_calls": self.source_calls,
                                      "reused_calls": self.reused_calls, "passes": len(self.passes),
+                                     "pooling_factors": [state.factor for _, state in self.passes.values()],
                                      "failed": self.error is not None}
         if self.pair is not None:
             self.pair.release()
@@ -275,6 +280,13 @@ def _pass_state(job: DeltaJob, denoiser: Any) -> PassState:
     state = PassState(active=not (is_hr and not job.params.hires))
     if state.active:
         prompts = _prompt_set(p, job.params, is_hr)
+        state.factor = pooling_factor(job.params.source_resolution, prompts.width, prompts.height,
+                                      job.pair.base.family)
+        if state.factor > 1:
+            # The legs' own size (SDXL conditions on it): the pooled grid's, in pixels.
+            prompts = dataclasses.replace(
+                prompts, width=pooled_size(prompts.width // LATENT_CELL, state.factor) * LATENT_CELL,
+                height=pooled_size(prompts.height // LATENT_CELL, state.factor) * LATENT_CELL)
         conds = job.cond_cache.get(prompts)
         if conds is None:
             conds = job.cond_cache[prompts] = encode_legs(job.pair, prompts)
@@ -395,7 +407,7 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
             wrapper=state.wrapper,
         )
         legs = SourceLegs(job.pair, state.conds, request)
-        delta = source_delta(x, sigma, legs, latent_map)
+        delta = source_delta(x, sigma, legs, latent_map, factor=state.factor)
         state.last_delta = delta
         job.source_calls += 1
 

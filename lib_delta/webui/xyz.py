@@ -73,5 +73,7 @@ def register() -> bool:
                        choices=lambda: [NONE_CHOICE, *checkpoint_titles()], cost=1.0),
         xyz.AxisOption("Delta enabled", _bool, _apply("enabled"), choices=xyz.boolean_choice(reverse=True)),
         xyz.AxisOption("Delta cond only", _bool, _apply("cond_only"), choices=xyz.boolean_choice(reverse=True)),
+        xyz.AxisOption("Delta source resolution", str, _apply("source_resolution"),
+                       choices=lambda: list(SETTINGS_BY_NAME["source_resolution"].choices)),
     ])
     return True
