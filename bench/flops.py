@@ -5,7 +5,7 @@ weights, nothing downloaded), counts one batch-1 forward with ``torch.utils.flop
 DS's cost relative to the target alone (CFG on the target: 2 forwards; CFG on each of the two source legs: 4 more;
 ``cond_only``: 2 more). The legs' grid follows the project's rule (``lib_delta.resolution``). Runs in the webui's venv
 (``WEBUI_PYTHON``): started from another python it re-runs itself there; without a webui it says so and exits 0.
-Method and results: bench/FLOPS.md (``--markdown PATH`` writes the tables).
+Method and results: bench/FLOPS.md, written by ``python -m bench.flops --markdown bench/FLOPS.md``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ PROJECT_ROOT = HERE.parent
 for _p in (PROJECT_ROOT, PROJECT_ROOT / "tests" / "webui", PROJECT_ROOT / "tests" / "webui" / "fixtures"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
-
-from lib_delta.resolution import pooled_size, pooling_factor  # noqa: E402
 
 import webui_harness as h  # noqa: E402
 
@@ -188,6 +186,8 @@ def needed_sizes() -> dict[str, set[int]]:
 
 def legs_latent(sc: Scenario, setting: str) -> tuple[int, int]:
     """(pooling factor, legs' latent side) by the project's rule."""
+    from lib_delta.resolution import pooled_size, pooling_factor
+
     k = pooling_factor(setting, sc.pixels, sc.pixels, sc.source)
     latent = sc.pixels // LATENT_SCALE
     return k, (latent if k == 1 else pooled_size(latent, k))
@@ -330,7 +330,8 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="python -m bench.flops", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown to PATH")
+    ap.add_argument("--markdown", type=Path, default=None, metavar="PATH",
+                    help="also write method + tables as markdown to PATH (bench/FLOPS.md)")
     args = ap.parse_args(argv)
     reason = missing_reason()
     if reason:
