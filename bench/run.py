@@ -179,6 +179,12 @@ def render(results: dict) -> str:
                 oks.append(abs(o["ds_cost_vs_nominal"] - 1) <= GOALS["window"])
             row(f"5. {opt}: DS cost / proportional (half of the calls; legs' forward time alone in brackets)",
                 "within 10%", vals, oks)
+        res_rows = [next((x for x in models[k]["options"] if x["option"] == "source_resolution=2"), None)
+                    for k in labels]
+        if all(res_rows):
+            row("6. source_resolution=2: legs' UNet forward time / full-resolution legs' (DS cost in brackets; the "
+                "legs' grid has 1/4 of the cells where the target's latent is at least 16 x 16, see bench/FLOPS.md)",
+                "-", [f"{_r(o['legs_fwd_vs_full'])} ({_r(o['ds_cost_vs_full'])})" for o in res_rows], [None])
         parts.append("Goals (ratios measured in one run, same process, same seed):\n\n" + _table(
             ["measure", "goal", *labels, "met"], goal_rows))
 
@@ -191,8 +197,13 @@ def render(results: dict) -> str:
         cells = [name]
         for a in analytic[:1]:
             o = next((x for x in a["options"] if x["option"] == name), None)
-            cells += [f"{_r(o['leg_calls'], 2)} / {_r(o['leg_rows'], 2)}", _r(o["traj_err"], 3),
-                      _r(o["transfer"], 2)] if o else ["exact (same rows)", "0", "1"]
+            if o:
+                cells += [f"{_r(o['leg_calls'], 2)} / {_r(o['leg_rows'], 2)}", _r(o["traj_err"], 3),
+                          _r(o["transfer"], 2)]
+            elif name == "batch_legs=false":
+                cells += ["exact (same rows)", "0", "1"]
+            else:  # source_resolution: a spatial question, answered by docs/native-resolution.md
+                cells += ["-", "see docs/native-resolution.md", "-"]
         for k, r in models.items():
             o = next(x for x in r["options"] if x["option"] == name)
             share = 100 * o["image_diff_vs_full"] / r["ds_effect_image_diff"]

@@ -227,6 +227,8 @@ def configs(source: str, lora: str, steps: int) -> list[Config]:
         Config("reuse_steps=2", "installed", {**full, "reuse_steps": 2}, reuse2),
         Config("reuse_steps=3", "installed", {**full, "reuse_steps": 3}, reuse3),
         Config("cond_only", "installed", {**full, "cond_only": True}, None),
+        # the legs on a 2x coarser grid (at 64 px the latent is 8 x 8 and the factor falls back to 1)
+        Config("source_resolution=2", "installed", {**full, "source_resolution": "2"}, None),
     ]
 
 

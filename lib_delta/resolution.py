@@ -11,7 +11,9 @@ Rules:
 * **Factor.** ``target``: 1 (the legs see the target's grid, bit for bit as without this module). ``native``: the
   largest integer k whose pooled pixel area is still at least :data:`NATIVE_AREA_FRACTION` of the source family's
   trained area (:data:`NATIVE_PIXEL_AREA`: SD1 512², SD2 768², SDXL 1024²); 1 when the target is at or below it.
-  ``"2"``/``"3"``/``"4"``: that factor.
+  ``"2"``/``"3"``/``"4"``: that factor. Either way the factor falls to the smallest one that gives the same legs'
+  grid (next rule; less padding), and to 1 when that grid is not smaller than the target's (a 64 x 64 px target has
+  an 8 x 8 latent: nothing to gain).
 * **Sizes.** A UNet halves its grid at every level and adds the skips back, so the legs need a grid divisible by
   :data:`GRID_MULTIPLE` (8 latent cells for every SD family). The sample is padded at its bottom and right edges by
   replicating the last row/column, to ``k * 8 * ceil(H / (8k))`` (and likewise W), then pooled; the upsampled delta is
@@ -40,6 +42,7 @@ NATIVE_PIXEL_AREA: dict[str, int] = {"sd1": 512 * 512, "sd2": 768 * 768, "sdxl":
                                      "sd3": 1024 * 1024, "flux": 1024 * 1024}
 NATIVE_AREA_FRACTION = 0.8
 GRID_MULTIPLE = 8
+LATENT_CELL = 8  # pixels per latent cell (the VAE's downsampling) in every SD family
 UPSAMPLE_MODES = ("bilinear", "nearest")
 
 
@@ -48,7 +51,7 @@ def pooling_factor(setting: str, width: int, height: int, source_family: str) ->
     if setting == "target":
         return 1
     if setting in ("2", "3", "4"):
-        return int(setting)
+        return _shrinking(int(setting), width, height)
     if setting != "native":
         raise DeltaSamplingError(f"source resolution must be one of {', '.join(RESOLUTION_CHOICES)}; got {setting!r}")
     native = NATIVE_PIXEL_AREA.get(source_family)
@@ -58,7 +61,20 @@ def pooling_factor(setting: str, width: int, height: int, source_family: str) ->
     factor = 1
     while area / (factor + 1) ** 2 >= NATIVE_AREA_FRACTION * native:
         factor += 1
-    return factor
+    return _shrinking(factor, width, height)
+
+
+def _shrinking(factor: int, width: int, height: int) -> int:
+    """``factor``, lowered to the smallest one that gives the same legs' grid (less padding), and to 1 when that grid
+    (padded to the UNet multiple) is not smaller than the target's."""
+    rows, cols = int(height) // LATENT_CELL, int(width) // LATENT_CELL
+
+    def cells(k: int) -> int:
+        return pooled_size(rows, k) * pooled_size(cols, k)
+
+    while factor > 1 and cells(factor - 1) <= cells(factor):
+        factor -= 1
+    return factor if cells(factor) < rows * cols else 1
 
 
 def pooled_size(size: int, factor: int) -> int:

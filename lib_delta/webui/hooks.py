@@ -27,14 +27,13 @@ from ..delta import source_delta
 from ..errors import DeltaSamplingError, ParamError
 from ..latent import LatentFormat, LatentMap
 from ..params import SETTINGS_BY_INFOTEXT, DeltaParams
-from ..resolution import pooled_size, pooling_factor
+from ..resolution import LATENT_CELL, pooled_size, pooling_factor
 from ..schedule import LambdaSchedule, guard_delta
 from ..timesteps import DiscreteSchedule, vp_to_ve, x0_delta_to_eps
 from .legs import LegConds, LegRequest, PromptSet, SourceLegs, encode_legs
 from .source_models import CACHE, SourcePair, latent_format_of
 
 JOB_ATTR = "delta_sampling_job"
-LATENT_CELL = 8  # pixels per latent cell in every SD family (the VAE's downsampling)
 XYZ_ATTR = "delta_sampling_xyz"
 """Per-cell overrides set by the XYZ axes: a dict of setting name -> value, replaced (never mutated) per cell."""
 

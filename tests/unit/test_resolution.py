@@ -32,7 +32,10 @@ from lib_delta.resolution import pool_sample, pooled_size, pooling_factor, upsam
         ("native", 1536, 1536, "sd2", 2),
         ("native", 2048, 2048, "sdxl", 2),
         ("native", 512, 512, "sdxl", 1),
-        ("3", 64, 64, "sdxl", 3),
+        ("3", 512, 512, "sdxl", 3),
+        ("2", 64, 64, "sd1", 1),  # an 8 x 8 latent: the legs' grid (a multiple of 8) cannot be smaller
+        ("4", 128, 128, "sd1", 2),  # 16 x 16: k = 4 would pad back to 8 x 8, so k = 2
+        ("2", 136, 72, "sd1", 2),  # 17 x 9 -> 16 x 8
     ],
 )
 def test_pooling_factor_rule(setting, width, height, family, factor):
