@@ -105,8 +105,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("source_resolution", "Source resolution", "Delta source resolution", "choice", "target",
             "Grid the source legs run on. 'target': the target's own (exact). 'native': the source family's trained "
             "size (SD1 512², SD2 768², SDXL 1024²): the noisy latent is average-pooled by a whole factor and the "
-            "delta upsampled back, e.g. SD1.5 legs at 512² for an SDXL target at 1024², about 4x cheaper; fine "
-            "detail of the delta above the coarse grid is lost. 2/3/4: that pooling factor.",
+            "delta upsampled back, e.g. SD1.5 legs at 512² for an SDXL target at 1024² (about 6x fewer operations per "
+            "leg); fine detail of the delta above the coarse grid is lost. 2/3/4: that pooling factor.",
             choices=RESOLUTION_CHOICES, advanced=True, xyz=True),
 )
 

@@ -14,6 +14,8 @@ from torch import nn
 from lib_delta.lora import LoraError, RuntimeLora, merge, parse_network
 from lib_delta.lora_keys import compvis_to_kohya
 
+from test_lora import build as build_tree
+
 U = "model.diffusion_model."
 DT = torch.float64
 RES_NORM = U + "input_blocks.1.0.in_layers.0"  # GroupNorm
@@ -26,20 +28,14 @@ OC = "cond_stage_model.model.transformer.resblocks.0."
 
 
 def build(spec):
-    root = nn.Module()
-    for path, module in spec.items():
-        parent = root
-        *heads, last = path.split(".")
-        for head in heads:
-            if head not in parent._modules:
-                parent.add_module(head, nn.Module())
-            parent = parent._modules[head]
-        parent.add_module(last, module)
-    torch.manual_seed(0)
+    """``test_lora.build`` (the module tree at real paths, random weights), with 1-D parameters moved near 1 so that
+    norm layers scale like trained ones."""
+    root = build_tree(spec)
     with torch.no_grad():
         for p in root.parameters():
-            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
-    return root.to(DT)
+            if p.ndim == 1:
+                p.add_(1.0)
+    return root
 
 
 def rand(*shape, seed=1, std=1.0):
