@@ -96,6 +96,26 @@ def _detect_kind(parts: Mapping[str, Tensor]) -> str | None:
     return None
 
 
+_REQUIRED_PARTS = {
+    "norm": ("w_norm", "b_norm"),
+    "GLoRA": ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"),
+    "LoHa": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "LoRA": ("lora_up.weight", "lora_down.weight"),
+}
+
+
+def _near_miss(parts: Mapping[str, Tensor]) -> str:
+    """``": it looks like an incomplete <type> module (missing ...)"`` when the parts are a known type's minus some."""
+    for kind, required in _REQUIRED_PARTS.items():
+        present = [p for p in required if p in parts]
+        if present and len(present) < len(required):
+            missing = ", ".join(p for p in required if p not in parts)
+            return f": it looks like an incomplete {kind} module (missing {missing})"
+    if any(p.startswith("lokr_") for p in parts):
+        return ": it looks like an incomplete LoKr module (it needs lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b)"
+    return ""
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Deltas are built in at least fp32: an fp16 product of factors loses more than the final rounding does.
     return torch.promote_types(dtype, torch.float32)
@@ -719,7 +739,7 @@ def parse_network(
         if kind is None:
             raise LoraError(
                 f"{name}: module {module_key} has the parts {', '.join(sorted(parts))}, which no module type accepts "
-                f"({', '.join(KIND_NAMES.values())}); the webui cannot load this file either"
+                f"({', '.join(KIND_NAMES.values())}){_near_miss(parts)}; the webui cannot load this file either"
             )
         if "lora_A.weight" in parts:
             parts["lora_down.weight"] = parts.pop("lora_A.weight")

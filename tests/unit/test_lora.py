@@ -592,9 +592,11 @@ def test_bundled_embeddings_and_unread_parts_are_skipped_and_counted():
 @pytest.mark.parametrize(
     ("parts", "message"),
     [
-        ({"lokr_w1": (2, 2)}, "no module type accepts"),  # incomplete LoKr
-        ({"w_norm": (8,)}, "no module type accepts"),  # norm without b_norm
-        ({"a1.weight": (2, 8), "a2.weight": (8, 2), "b1.weight": (2, 8), "b2.weight": (8, 2)}, "no module type"),
+        ({"lokr_w1": (2, 2)}, "no module type accepts.*incomplete LoKr"),
+        ({"w_norm": (8,)}, "no module type accepts.*incomplete norm module .missing b_norm"),
+        ({"a1.weight": (2, 8), "a2.weight": (8, 2), "b1.weight": (2, 8), "b2.weight": (8, 2)},
+         "incomplete GLoRA module .missing alpha"),
+        ({"oft_rotation": (2, 2)}, r"oft_rotation, which no module type accepts \(LoRA, LoHa, IA3.*\); the webui"),
         ({"weight": (8,)}, "IA3.*on_input"),
     ],
 )
