@@ -72,6 +72,7 @@ class PassState:
     last_delta: torch.Tensor | None = None  # target-space x0 delta of the last computed call
     calls_in_window: int = 0
     factor: int = 1  # the legs' grid is this many times coarser than the pass's (source_resolution)
+    legs_size: tuple[int, int] | None = None  # (width, height) in pixels the legs are conditioned on (SDXL's size)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class DeltaJob:
             CACHE.last_generation = {"target_calls": self.target_calls, "source_calls": self.source_calls,
                                      "reused_calls": self.reused_calls, "passes": len(self.passes),
                                      "pooling_factors": [state.factor for _, state in self.passes.values()],
+                                     "legs_sizes": [state.legs_size for _, state in self.passes.values()],
                                      "failed": self.error is not None}
         if self.pair is not None:
             self.pair.release()
@@ -286,6 +288,7 @@ def _pass_state(job: DeltaJob, denoiser: Any) -> PassState:
             prompts = dataclasses.replace(
                 prompts, width=pooled_size(prompts.width // LATENT_CELL, state.factor) * LATENT_CELL,
                 height=pooled_size(prompts.height // LATENT_CELL, state.factor) * LATENT_CELL)
+        state.legs_size = (prompts.width, prompts.height)
         conds = job.cond_cache.get(prompts)
         if conds is None:
             conds = job.cond_cache[prompts] = encode_legs(job.pair, prompts)

@@ -88,6 +88,8 @@ def test_factor_two_with_a_batch_of_two(webui, family):
     half = webui.txt2img(webui.payload(f"tiny-{family}-a", PROMPT, **common,
                                        alwayson_scripts=ds(**pair, source_resolution=2)))
     assert factors(webui) == [2]
+    # the legs are conditioned on their own size (SDXL's size embedding): 128 px / 2
+    assert webui.get("/delta-sampling/v1/status").json()["last_generation"]["legs_sizes"] == [[64, 64]]
     assert len(half["images"]) == 2 and "Delta source resolution: 2" in infotext(half, 1)
     off = webui.txt2img(webui.payload(f"tiny-{family}-a", PROMPT, **common))["images"]
     for i in range(2):
