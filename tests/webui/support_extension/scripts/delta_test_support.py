@@ -3,6 +3,10 @@
 GET /delta-test/lora-match/{name}: load the LoRA ``name`` the way the webui's Lora extension does
 (``networks.load_network``, against the currently loaded checkpoint) and report which of the file's module keys found
 a layer. Nothing global is changed (``loaded_networks`` stays as it is).
+
+GET /delta-test/controlnet-invariants: build ControlNets (``lib_delta.controlnet``) for the currently loaded
+checkpoint's UNet, made in-process from that UNet's own weights, and report the invariants of
+tests/webui/test_delta_controlnet_core.py as numbers (max differences, first changed decoder block).
 """
 
 from fastapi import HTTPException
@@ -36,8 +40,117 @@ def _lora_match(name: str):
         }
 
 
+def _controlnet_invariants():
+    import os
+
+    import torch
+    from modules import call_queue, devices, shared
+    from omegaconf import OmegaConf
+
+    from lib_delta.controlnet import build_controlnet, controlnet_residuals, forward_with_control
+    from lib_delta.controlnet_files import read_controlnet
+
+    with call_queue.queue_lock, torch.no_grad():
+        model = shared.sd_model
+        unet = model.model.diffusion_model
+        conf = OmegaConf.load(os.path.splitext(model.sd_checkpoint_info.filename)[0] + ".yaml").model.params
+        kwargs = OmegaConf.to_container((conf.get("unet_config") or conf.get("network_config")).params)
+        own = {k: v.detach().clone() for k, v in unet.state_dict().items()
+               if k.startswith(("time_embed.", "label_emb.", "input_blocks.", "middle_block."))}
+        mc = int(unet.model_channels)
+        channels = [int(b[-1].out_channels if hasattr(b[-1], "out_channels") else b[0].out_channels)
+                    for b in unet.input_blocks]
+        middle = int(unet.middle_block[-1].out_channels)
+        g = torch.Generator().manual_seed(0)
+        widths = (3, 16, 16, 32, 32, 96, 96, 256, mc)
+
+        def tensors(zero: str) -> dict:
+            sd = {f"control_model.{k}": v for k, v in own.items()}
+            for i in range(8):
+                w = torch.randn(widths[i + 1], widths[i], 3, 3, generator=g) * 0.1
+                sd[f"control_model.input_hint_block.{2 * i}.weight"] = w * (0 if i == 7 else 1)
+                sd[f"control_model.input_hint_block.{2 * i}.bias"] = torch.zeros(widths[i + 1])
+            for i, c in enumerate([*channels, middle]):
+                name = f"zero_convs.{i}.0" if i < len(channels) else "middle_block_out.0"
+                if zero == "identity":
+                    w = torch.eye(c)[:, :, None, None]
+                elif zero == "zero" or (zero.startswith("only") and int(zero[4:]) != i):
+                    w = torch.zeros(c, c, 1, 1)
+                else:
+                    w = torch.randn(c, c, 1, 1, generator=g) * 0.1
+                sd[f"control_model.{name}.weight"] = w
+                sd[f"control_model.{name}.bias"] = torch.zeros(c)
+            return sd
+
+        dtype = next(unet.parameters()).dtype
+        device = devices.device
+
+        def net(zero: str):
+            return build_controlnet(unet, kwargs, read_controlnet(tensors(zero), name=zero), device=device,
+                                    dtype=dtype, source=model.sd_checkpoint_info.title)
+
+        batch, size = 2, 8
+        x = torch.randn(batch, 4, size, size, generator=g).to(device, dtype)
+        t = torch.tensor([500, 20], device=device)
+        cond = model.get_learned_conditioning(["a red apple", "a tree"])
+        if isinstance(cond, dict):
+            context, y = cond["crossattn"].to(dtype), cond["vector"].to(dtype)
+        else:
+            context, y = cond.to(dtype), None
+        hint = torch.rand(batch, 3, 8 * size, 8 * size, generator=g).to(device, dtype)
+        plain = unet(x, timesteps=t, context=context, y=y)
+        restated = forward_with_control(unet, x, t, context, y)
+        # the UNet's own skips, for the identity ControlNet
+        skips = []
+        handles = [b.register_forward_hook(lambda m, a, o: skips.append(o)) for b in unet.input_blocks]
+        handles.append(unet.middle_block.register_forward_hook(lambda m, a, o: skips.append(o)))
+        unet(x, timesteps=t, context=context, y=y)
+        for h in handles:
+            h.remove()
+        identity = controlnet_residuals(net("identity"), x, t, context, hint, y=y)
+        zero = controlnet_residuals(net("zero"), x, t, context, hint, y=y)
+        with_zero = forward_with_control(unet, x, t, context, y, residuals=zero)
+        random_res = controlnet_residuals(net("random"), x, t, context, hint, y=y)
+        rows = forward_with_control(unet, x, t, context, y, residuals=[r[1:] for r in random_res], rows=slice(1, None))
+        full = forward_with_control(unet, x, t, context, y, residuals=random_res)
+        # order: only zero conv k non-zero -> the first decoder block whose input changes is N - 1 - k
+        first_changed = {}
+        n = len(unet.input_blocks)
+        for k in (0, 2, n - 1):
+            res = controlnet_residuals(net(f"only{k}"), x, t, context, hint, y=y)
+            seen_plain, seen_cn = [], []
+            hooks = [b.register_forward_pre_hook(lambda m, a, s=seen_plain: s.append(a[0])) for b in unet.output_blocks]
+            forward_with_control(unet, x, t, context, y)
+            for h in hooks:
+                h.remove()
+            hooks = [b.register_forward_pre_hook(lambda m, a, s=seen_cn: s.append(a[0])) for b in unet.output_blocks]
+            forward_with_control(unet, x, t, context, y, residuals=res)
+            for h in hooks:
+                h.remove()
+            changed = [not torch.equal(p, c) for p, c in zip(seen_plain, seen_cn, strict=True)]
+            first_changed[str(k)] = changed.index(True)
+
+        def diff(a, b):
+            return float((a.float() - b.float()).abs().max())
+
+        return {
+            "checkpoint": model.sd_checkpoint_info.title,
+            "input_blocks": n,
+            "residuals": len(identity),
+            "restated_vs_forward": diff(restated, plain),
+            "restated_bitwise": bool(torch.equal(restated, plain)),
+            "zero_cn_bitwise": bool(torch.equal(with_zero, plain)),
+            "identity_vs_skips": max(diff(a, b) for a, b in zip(identity, skips, strict=True)),
+            "random_effect": diff(full, plain),
+            "rows_base_bitwise": bool(torch.equal(rows[:1], plain[:1])),
+            "rows_adapted_vs_full": diff(rows[1:], full[1:]),
+            "first_changed_decoder_block": first_changed,
+        }
+
+
 def _on_app_started(demo, app):
     app.add_api_route("/delta-test/lora-match/{name}", _lora_match, methods=["GET"])
+    app.add_api_route("/delta-test/controlnet-invariants", _controlnet_invariants, methods=["GET"])
 
 
 script_callbacks.on_app_started(_on_app_started)
