@@ -31,7 +31,7 @@ def frequency_radius(n: int) -> torch.Tensor:
 
 
 def natural_spectrum(n: int, channels: int = 4, corner: float = 0.05, power: float = 2.0) -> torch.Tensor:
-    """An image-like spectrum ``(1 + (|f| / corner)²)^-power / 2``, normalised to unit variance per cell."""
+    """An image-like spectrum ``(1 + (|f| / corner)²) ** (-power / 2)``, normalised to unit variance per cell."""
     psd = (1 + (frequency_radius(n) / corner) ** 2) ** (-power / 2)
     psd = psd / psd.mean()
     return psd.expand(channels, n, n).clone()
