@@ -21,6 +21,7 @@ def _set_number(driver, elem_id: str, value: int) -> None:
 
 def _pick(driver, elem_id: str, text: str) -> None:
     """Choose the dropdown option containing ``text`` (gradio 3 dropdowns filter as you type)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -30,9 +31,16 @@ def _pick(driver, elem_id: str, text: str) -> None:
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(Keys.BACKSPACE)
     box.send_keys(text)
-    options = WebDriverWait(driver, 10).until(
-        lambda d: [li for li in d.find_elements(By.CSS_SELECTOR, "ul.options li") if text in li.text])
-    options[0].click()
+
+    def click_option(d) -> bool:
+        # gradio re-renders the list while it filters: an option found a moment ago may be gone; look again
+        for li in d.find_elements(By.CSS_SELECTOR, "ul.options li"):
+            if text in li.text:
+                li.click()
+                return True
+        return False
+
+    WebDriverWait(driver, 10, ignored_exceptions=(StaleElementReferenceException,)).until(click_option)
 
 
 def test_accordion_tooltips_and_generation(webui, browser):
