@@ -25,7 +25,7 @@ WEIGHT = 0.8
 MAX_PIXEL_DIFF = 2
 MEAN_PIXEL_DIFF = 0.05
 VISIBLE = 1.0  # the LoRA must change the image by more than this (mean levels) or the comparison proves nothing
-TARGETS = {"sd1": "tiny-sd1-a", "sdxl": "tiny-sdxl-a"}
+TARGETS = {"sd1": "tiny-sd1-a", "sd2": "tiny-sd2v-a", "sdxl": "tiny-sdxl-a"}
 
 # kind -> the webui's NetworkModule classes for that file (asserted, so each case really exercises its type)
 WEBUI_MODULE_TYPES = {
