@@ -125,8 +125,6 @@ def _detect_unsupported(keys: list[str], name: str) -> None:
     for marker, what in _UNSUPPORTED:
         if any(marker in key for key in keys):
             raise ControlNetFileError(f"controlnet: {name} is {what}; Delta Sampling does not support it yet")
-    if any(key.startswith("conv_in.") for key in keys) and any(key.startswith("body.") for key in keys):
-        raise ControlNetFileError(f"controlnet: {name} is a T2I-Adapter; Delta Sampling does not support it yet")
 
 
 def read_controlnet(state_dict: Mapping[str, Tensor], name: str = "controlnet") -> ControlNetFile:

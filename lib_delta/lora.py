@@ -599,16 +599,18 @@ def dense_delta(
     delta's ``calc_updown`` sees the weight with the earlier ones already added (this matters for IA3, GLoRA, OFT and
     DoRA). Built from the module's current weight, in at least fp32, returned in ``dtype`` on ``device``."""
     weight = deltas[0][0].target_weight(module)
-    cd = _compute_dtype(weight.dtype)
-    original = weight.detach().to(device=device, dtype=cd)
-    current = original.clone()
+    original = weight.detach().to(device=device, dtype=_compute_dtype(weight.dtype))
+    current = original
+    steps: list[Tensor] = []
     bias_total: Tensor | None = None
     for delta, multiplier in deltas:
-        current = current + delta.delta_weight(current, multiplier)
+        steps.append(delta.delta_weight(current, multiplier))
+        current = current + steps[-1]
         db = delta.delta_bias(current, multiplier)
         if db is not None:
             bias_total = db if bias_total is None else bias_total + db
-    dw = (current - original) if len(deltas) > 1 else deltas[0][0].delta_weight(original, deltas[0][1])
+    # one delta: its ΔW as it is; several: the difference they made together (not the sum of their steps' roundings)
+    dw = steps[0] if len(steps) == 1 else current - original
     return dw.to(dtype), None if bias_total is None else bias_total.to(dtype)
 
 
