@@ -400,12 +400,8 @@ class ModuleDelta:
             if blocks.ndim == 4:
                 m, n, b = blocks.shape[0], blocks.shape[1], blocks.shape[2]
                 ok = n * b == out_dim and b % 2 == 0 and all(out_dim % (b * 2**i) == 0 for i in range(m))
-            elif "oft_blocks" in p:
-                n, b = blocks.shape[0], blocks.shape[1]
-                ok = n * b == out_dim
-            else:
-                n, b = blocks.shape[0], blocks.shape[1]
-                ok = n * b == out_dim and out_dim // b == n
+            else:  # (blocks, size, size), both layouts: the blocks tile the outputs
+                ok = blocks.shape[0] * blocks.shape[1] == out_dim
             if not ok:
                 raise misfit(f"OFT blocks of shape {tuple(blocks.shape)} do not fit the weight of {where}, shape "
                              f"{shape}")
