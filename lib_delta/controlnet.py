@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .controlnet_files import ControlNetFile, ControlNetFileError
+from .controlnet_files import ControlNetFile, ControlNetFileError, check_against_unet
 
 # The hint encoder every ControlNet implementation hard-codes: 8 convolutions, SiLU between, x8 down to latent size.
 HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)
@@ -78,7 +78,7 @@ def _module_of(obj_module: str) -> Any:
 
 def build_controlnet(
     unet: nn.Module, unet_kwargs: Mapping[str, Any], cn: ControlNetFile, *, device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32, source: str = "the source",
+    dtype: torch.dtype = torch.float32, source: str = "the source", source_family: str | None = None,
 ) -> ControlNet:
     """The ControlNet of ``cn`` for ``unet`` (built with ``unet_kwargs``); raises :class:`ControlNetFileError` naming
     the first key or shape of the file that does not fit."""
@@ -86,12 +86,11 @@ def build_controlnet(
         raise ControlNetFileError(f"controlnet: {cn.name} is a {cn.kind}; only full ControlNets are built here")
     with torch.device("meta"):
         body = type(unet)(**dict(unet_kwargs))
+    # the encoder tensors first, in file order (the first one that does not fit is named), then the residual count
+    check_against_unet(cn, {k: tuple(v.shape) for k, v in body.state_dict().items()}, source=source,
+                       source_family=source_family)
     zero = [int(cn.tensors[f"zero_convs.{i}.0.weight"].shape[0]) for i in range(cn.residuals - 1)]
     middle = int(cn.tensors["middle_block_out.0.weight"].shape[0])
-    if len(zero) != len(body.input_blocks):
-        raise ControlNetFileError(
-            f"controlnet: {cn.name} has {len(zero)} zero convs but {source} has {len(body.input_blocks)} input blocks"
-        )
     with torch.device("meta"):
         net = ControlNet(body, cn.hint_channels, zero, middle)
     expected = net.state_dict()

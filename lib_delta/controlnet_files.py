@@ -194,28 +194,29 @@ def _finish(name: str, layout: str, kind: str, tensors: dict[str, Tensor], dropp
 
 
 def check_against_unet(
-    cn: ControlNetFile, unet_shapes: Mapping[str, tuple[int, ...]], *, source: str, source_family: str,
+    cn: ControlNetFile, unet_shapes: Mapping[str, tuple[int, ...]], *, source: str, source_family: str | None = None,
 ) -> None:
     """Raise naming the file, the source and the first mismatching tensor if ``cn`` was not made for this UNet.
 
     ``unet_shapes``: the source UNet's ``state_dict()`` shapes under its own names (``input_blocks.0.0.weight``, ...).
     The number of zero convs must equal the UNet's number of input blocks."""
-    family_note = f" (made for {cn.family})" if cn.family and cn.family != source_family else ""
+    family_note = f" (made for {cn.family})" if cn.family and source_family and cn.family != source_family else ""
+    the = f"the {source_family} source" if source_family else "the source"
     for key, value in cn.encoder_tensors().items():
         shape = unet_shapes.get(key)
         if shape is None:
             raise ControlNetFileError(
-                f"controlnet: {cn.name}{family_note} does not fit the {source_family} source {source}: its tensor "
+                f"controlnet: {cn.name}{family_note} does not fit {the} {source}: its tensor "
                 f"{key} has no counterpart in the source UNet"
             )
         if tuple(value.shape) != tuple(shape):
             raise ControlNetFileError(
-                f"controlnet: {cn.name}{family_note} does not fit the {source_family} source {source}: {key} is "
+                f"controlnet: {cn.name}{family_note} does not fit {the} {source}: {key} is "
                 f"{tuple(value.shape)} in the file and {tuple(shape)} in the source UNet"
             )
     blocks = {int(k.split(".")[1]) for k in unet_shapes if k.startswith("input_blocks.")}
     if cn.kind == "controlnet" and cn.residuals - 1 != len(blocks):
         raise ControlNetFileError(
-            f"controlnet: {cn.name}{family_note} has {cn.residuals - 1} zero convs but the {source_family} source "
+            f"controlnet: {cn.name}{family_note} has {cn.residuals - 1} zero convs but {the} "
             f"{source} has {len(blocks)} input blocks"
         )

@@ -4,6 +4,9 @@ GET /delta-test/lora-match/{name}: load the LoRA ``name`` the way the webui's Lo
 (``networks.load_network``, against the currently loaded checkpoint) and report which of the file's module keys found
 a layer. Nothing global is changed (``loaded_networks`` stays as it is).
 
+GET /delta-test/controlnet-build?paths=a,b: read ControlNet files (absolute paths) with the webui's own reader and build
+them with ``lib_delta`` for the loaded checkpoint's UNet; report a fingerprint of each built network, or the error.
+
 GET /delta-test/controlnet-invariants: build ControlNets (``lib_delta.controlnet``) for the currently loaded
 checkpoint's UNet, made in-process from that UNet's own weights, and report the invariants of
 tests/webui/test_delta_controlnet_core.py as numbers (max differences, first changed decoder block).
@@ -41,20 +44,14 @@ def _lora_match(name: str):
 
 
 def _controlnet_invariants():
-    import os
-
     import torch
-    from modules import call_queue, devices, shared
-    from omegaconf import OmegaConf
+    from modules import call_queue, devices
 
     from lib_delta.controlnet import build_controlnet, controlnet_residuals, forward_with_control
     from lib_delta.controlnet_files import read_controlnet
 
     with call_queue.queue_lock, torch.no_grad():
-        model = shared.sd_model
-        unet = model.model.diffusion_model
-        conf = OmegaConf.load(os.path.splitext(model.sd_checkpoint_info.filename)[0] + ".yaml").model.params
-        kwargs = OmegaConf.to_container((conf.get("unet_config") or conf.get("network_config")).params)
+        model, unet, kwargs = _unet_and_kwargs()
         own = {k: v.detach().clone() for k, v in unet.state_dict().items()
                if k.startswith(("time_embed.", "label_emb.", "input_blocks.", "middle_block."))}
         mc = int(unet.model_channels)
@@ -148,7 +145,59 @@ def _controlnet_invariants():
         }
 
 
+def _unet_and_kwargs():
+    import os
+
+    from modules import shared
+    from omegaconf import OmegaConf
+
+    model = shared.sd_model
+    conf = OmegaConf.load(os.path.splitext(model.sd_checkpoint_info.filename)[0] + ".yaml").model.params
+    kwargs = OmegaConf.to_container((conf.get("unet_config") or conf.get("network_config")).params)
+    return model, model.model.diffusion_model, kwargs
+
+
+def _controlnet_build(paths: str):
+    import hashlib
+    import os
+
+    import torch
+    from modules import call_queue, sd_models
+
+    from lib_delta.controlnet import build_controlnet
+    from lib_delta.controlnet_files import read_controlnet
+    from lib_delta.errors import DeltaSamplingError
+
+    with call_queue.queue_lock, torch.no_grad():
+        model, unet, kwargs = _unet_and_kwargs()
+        own = unet.state_dict()
+        results = {}
+        for path in paths.split(","):
+            name = os.path.basename(path)
+            try:
+                cn = read_controlnet(sd_models.read_state_dict(path), name=name)
+                net = build_controlnet(unet, kwargs, cn, dtype=torch.float32, source=model.sd_checkpoint_info.title)
+            except DeltaSamplingError as exc:
+                results[name] = {"ok": False, "error": str(exc)}
+                continue
+            state = net.state_dict()
+            digest = hashlib.sha256()
+            for key in sorted(state):
+                digest.update(key.encode())
+                digest.update(state[key].float().cpu().numpy().tobytes())
+            roots = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
+            encoder = [k for k in state if k.startswith(roots)]
+            results[name] = {
+                "ok": True, "layout": cn.layout, "residuals": cn.residuals, "tensors": len(state),
+                "sha256": digest.hexdigest(),
+                "abs_sum": float(sum(v.double().abs().sum() for v in state.values())),
+                "encoder_vs_unet": max(float((state[k].float() - own[k].float()).abs().max()) for k in encoder),
+            }
+        return {"checkpoint": model.sd_checkpoint_info.title, "results": results}
+
+
 def _on_app_started(demo, app):
+    app.add_api_route("/delta-test/controlnet-build", _controlnet_build, methods=["GET"])
     app.add_api_route("/delta-test/lora-match/{name}", _lora_match, methods=["GET"])
     app.add_api_route("/delta-test/controlnet-invariants", _controlnet_invariants, methods=["GET"])
 
