@@ -94,13 +94,16 @@ def build_controlnet(
     with torch.device("meta"):
         net = ControlNet(body, cn.hint_channels, zero, middle)
     expected = net.state_dict()
+    encoder = cn.encoder_tensors()  # already checked against the UNet above
     for key, value in cn.tensors.items():
+        if key in encoder:
+            continue
         if key not in expected:
             raise ControlNetFileError(f"controlnet: {cn.name}: {key} has no counterpart in {source}'s architecture")
         if tuple(value.shape) != tuple(expected[key].shape):
             raise ControlNetFileError(
                 f"controlnet: {cn.name} does not fit {source}: {key} is {tuple(value.shape)} in the file and "
-                f"{tuple(expected[key].shape)} in the source UNet"
+                f"{tuple(expected[key].shape)} in the ControlNet built for it"
             )
     missing = [k for k in expected if k not in cn.tensors]
     if missing:
