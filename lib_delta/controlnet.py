@@ -3,7 +3,7 @@
 Host-free in the sense of the engine: no webui imports. It works on any ldm/sgm ``UNetModel`` instance (the classes the
 webui builds its checkpoints from) and reads two functions from the module that defines the UNet's class, as that
 class's own ``forward`` does: ``timestep_embedding`` and ``th`` (the webui replaces both with patched versions, and the
-source legs must get the same ones). Groundwork for ControlNet on the adapted leg (issue 10); not wired into the legs.
+source legs must get the same ones).
 
 * :func:`build_controlnet`: a fresh instance of the source UNet's class with the source's constructor arguments
   (on the meta device), minus its decoder, plus the hint encoder, the zero convolutions and the middle output
@@ -12,13 +12,17 @@ source legs must get the same ones). Groundwork for ControlNet on the adapted le
 * :func:`controlnet_residuals`: the ControlNet's forward: one residual per input block plus the middle one.
 * :func:`forward_with_control`: the UNet's own forward (``UNetModel.forward`` re-stated with the instance's modules),
   with residual ``i`` added to the skip of input block ``i`` as the decoder pops it and the last one after the middle
-  block; optionally to a slice of batch rows only. Without residuals it is the UNet's forward, operation for operation.
+  block; optionally to some batch rows only. Without residuals it is the UNet's forward, operation for operation.
+* :func:`controlled_forward`: a per-call stand-in for a UNet instance's ``forward`` that sums the active units'
+  residuals (each on its own rows) and runs :func:`forward_with_control`; nothing is patched on any class.
+* :func:`expand_control_lora`: a Stability control-LoRA made into an ordinary ControlNet file with the source's weights.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -138,7 +142,7 @@ def controlnet_residuals(
 
 def forward_with_control(
     unet: nn.Module, x: Tensor, timesteps: Tensor, context: Tensor | None = None, y: Tensor | None = None, *,
-    residuals: Sequence[Tensor] | None = None, rows: slice | None = None,
+    residuals: Sequence[Tensor] | None = None, rows: slice | Tensor | None = None,
 ) -> Tensor:
     """``unet``'s own forward with ControlNet residuals (None: none), added to batch ``rows`` only when given."""
     module = _module_of(type(unet).__module__)
@@ -166,9 +170,93 @@ def forward_with_control(
     return unet.out(h)
 
 
-def _add(h: Tensor, residual: Tensor, rows: slice | None) -> Tensor:
+def _add(h: Tensor, residual: Tensor, rows: slice | Tensor | None) -> Tensor:
     if rows is None:
         return h + residual.to(h.dtype)
     out = h.clone()
     out[rows] = out[rows] + residual.to(h.dtype)
     return out
+
+
+@dataclass
+class ActiveControl:
+    """One unit that runs at this denoiser call: its network, its hint at the legs' pixel size, its residual
+    factors (:func:`lib_delta.control_units.residual_scales`) and whether it steers the cond rows only."""
+
+    net: ControlNet
+    hint: Tensor  # (1, C, 8H, 8W) in [0, 1]
+    scales: Sequence[float]
+    cond_rows_only: bool = False
+
+
+def controlled_forward(
+    unet: nn.Module, controls: Sequence[ActiveControl], rows: Tensor, cond_rows: Tensor,
+    on_call: Callable[[], None] | None = None,
+) -> Callable[..., Tensor]:
+    """A stand-in for ``unet.forward`` (same signature as ldm's and sgm's) that adds the units' summed residuals to
+    batch ``rows`` (indices) only; a "cond rows only" unit runs on ``cond_rows`` alone. Other rows get the UNet's
+    own forward, operation for operation. ``on_call`` is told of every ControlNet call (counted for the status)."""
+
+    def forward(x: Tensor, timesteps: Tensor | None = None, context: Tensor | None = None, y: Tensor | None = None,
+                **kwargs: Any) -> Tensor:
+        if kwargs:
+            raise ControlNetFileError(f"the source UNet was called with {sorted(kwargs)}, which ControlNet does not "
+                                      "handle")
+        total: list[Tensor] | None = None
+        for control in controls:
+            picked = cond_rows if control.cond_rows_only else rows
+            if picked.numel() == 0:
+                continue
+            net_param = next(control.net.parameters())
+            hint = control.hint.to(device=x.device, dtype=net_param.dtype).expand(picked.numel(), -1, -1, -1)
+            residuals = controlnet_residuals(
+                control.net, x[picked].to(net_param.dtype), timesteps[picked],
+                None if context is None else context[picked].to(net_param.dtype), hint,
+                y=None if y is None else y[picked].to(net_param.dtype),
+            )
+            if on_call is not None:
+                on_call()
+            if len(residuals) != len(control.scales):
+                raise ControlNetFileError(f"{len(residuals)} residuals but {len(control.scales)} scales")
+            if total is None:
+                total = [torch.zeros((x.shape[0], *r.shape[1:]), dtype=r.dtype, device=r.device) for r in residuals]
+            for buffer, residual, scale in zip(total, residuals, control.scales, strict=True):
+                buffer.index_add_(0, picked, residual * scale)
+        if total is None:
+            return forward_with_control(unet, x, timesteps, context, y)
+        return forward_with_control(unet, x, timesteps, context, y, residuals=[r[rows] for r in total], rows=rows)
+
+    return forward
+
+
+def expand_control_lora(cn: ControlNetFile, unet_state: Mapping[str, Tensor]) -> ControlNetFile:
+    """A Stability control-LoRA made whole: the source UNet's own encoder weights, ``weight + up @ down`` where the
+    file holds a low-rank pair, and the file's own tensors (hint encoder, zero convolutions, norms, biases) over
+    them, as ComfyUI's and Forge's ``ControlLora`` do. Returns an ordinary ``kind == "controlnet"`` file."""
+    if cn.kind != "control_lora":
+        return cn
+    tensors = {k: v for k, v in unet_state.items() if k.startswith(("time_embed.", "label_emb.", "input_blocks.",
+                                                                    "middle_block."))}
+    file_tensors = {k: v for k, v in cn.tensors.items() if k != "lora_controlnet"}
+    for key, value in file_tensors.items():
+        if key.endswith(".up") or key.endswith(".down"):
+            continue
+        tensors[key] = value
+    for key in [k for k in file_tensors if k.endswith(".up")]:
+        stem = key[: -len(".up")]
+        down = file_tensors.get(stem + ".down")
+        base = unet_state.get(stem + ".weight")
+        if down is None or base is None:
+            raise ControlNetFileError(f"controlnet: {cn.name}: low-rank pair {stem} has no "
+                                      f"{'down half' if down is None else 'weight in the source UNet'}")
+        up = file_tensors[key]
+        product = up.flatten(1).float() @ down.flatten(1).float()
+        if product.numel() != base.numel():
+            raise ControlNetFileError(f"controlnet: {cn.name} does not fit the source: {stem} up @ down is "
+                                      f"{tuple(product.shape)}, the source weight {tuple(base.shape)}")
+        tensors[stem + ".weight"] = (base.float() + product.reshape(base.shape)).to(base.dtype)
+    from .controlnet_files import read_controlnet
+
+    whole = read_controlnet(tensors, cn.name)
+    whole.layout = "control-lora"
+    return whole

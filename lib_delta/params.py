@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .control_units import MAX_UNITS, UNIT_FIELDS, ControlUnit, parse_units, unit_from_infotext, units_from_flat
 from .errors import ParamError
 from .resolution import RESOLUTION_CHOICES
 from .schedule import DECAY_SHAPES, LambdaSchedule
@@ -42,7 +43,7 @@ class Setting:
     name: str
     label: str
     infotext: str
-    kind: str  # bool | float | int | str | choice | checkpoint | optional_checkpoint | loras
+    kind: str  # bool | float | int | str | choice | checkpoint | optional_checkpoint | loras | controlnet
     default: Any
     help: str
     minimum: float | None = None
@@ -108,10 +109,19 @@ SETTINGS: tuple[Setting, ...] = (
             "delta upsampled back, e.g. SD1.5 legs at 512² for an SDXL target at 1024² (about 6x fewer operations per "
             "leg); fine detail of the delta above the coarse grid is lost. 2/3/4: that pooling factor.",
             choices=RESOLUTION_CHOICES, advanced=True, xyz=True),
+    # Last: in the UI's positional form its slot is replaced by the unit tabs' flat fields (see from_positional).
+    Setting("controlnet", "ControlNet on the adapted leg", "Delta ControlNet", "controlnet", (),
+            "ControlNet units applied to the adapted leg only (a list of unit dicts with sd-webui-controlnet's field "
+            "names: model, image as base64, module, weight, guidance_start, guidance_end, control_mode, resize_mode, "
+            "pixel_perfect, processor_res, threshold_a, threshold_b). The base leg and the target never see them."),
 )
 
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 SETTINGS_BY_INFOTEXT: dict[str, Setting] = {s.infotext: s for s in SETTINGS}
+CONTROLNET_INFOTEXT = SETTINGS_BY_NAME["controlnet"].infotext
+UNIT_INFOTEXT_KEYS = tuple(f"{CONTROLNET_INFOTEXT} {i + 1}" for i in range(MAX_UNITS))
+"""One infotext key per unit: ``Delta ControlNet 1: "Module: none, Model: name [hash], Weight: 1, ..."``."""
+INFOTEXT_KEYS = (*(s.infotext for s in SETTINGS if s.kind != "controlnet"), *UNIT_INFOTEXT_KEYS)
 
 
 def _format_number(value: float) -> str:
@@ -210,6 +220,8 @@ def _validate_value(setting: Setting, value: Any) -> Any:
         return value
     if kind == "loras":
         return parse_loras(value, setting.name)
+    if kind == "controlnet":
+        return parse_units(value, setting.name)
     raise AssertionError(f"unhandled setting kind {kind}")
 
 
@@ -234,6 +246,7 @@ class DeltaParams:
     cond_only: bool = False
     batch_legs: bool = True
     source_resolution: str = "target"
+    controlnet: tuple[ControlUnit, ...] = field(default_factory=tuple)
 
     # -- construction ---------------------------------------------------------------------------------------------
 
@@ -255,9 +268,17 @@ class DeltaParams:
 
     @classmethod
     def from_positional(cls, args: Sequence[Any]) -> DeltaParams:
-        """Params from the script's positional args (the order of :data:`SETTINGS`); missing trailing args default."""
+        """Params from the script's positional args (the order of :data:`SETTINGS`); missing trailing args default.
+
+        The last slot, ``controlnet``, holds a list of unit dicts. The UI sends more values instead: the settings
+        before it, then each unit tab's :data:`~lib_delta.control_units.UNIT_FIELDS` in order."""
         if len(args) > len(SETTINGS):
-            raise ParamError("args", f"got {len(args)} positional values; Delta Sampling takes at most {len(SETTINGS)}")
+            plain = len(SETTINGS) - 1
+            if (len(args) - plain) % len(UNIT_FIELDS):
+                raise ParamError("args", f"got {len(args)} positional values; Delta Sampling takes at most "
+                                         f"{len(SETTINGS)}, or {plain} plus {len(UNIT_FIELDS)} per ControlNet unit")
+            values = {s.name: v for s, v in zip(SETTINGS[:plain], args, strict=False)}
+            return cls.create(**values, controlnet=units_from_flat(args[plain:]))
         return cls.create(**{s.name: v for s, v in zip(SETTINGS, args, strict=False)})
 
     @classmethod
@@ -283,8 +304,9 @@ class DeltaParams:
         if self.enabled:
             if not self.source:
                 raise ParamError("source", "choose the source base checkpoint the adaptation was made for")
-            if self.adapted is None and not self.loras:
-                raise ParamError("adapted", "choose an adapted checkpoint, or at least one LoRA for the adapted leg")
+            if self.adapted is None and not self.loras and not self.controlnet:
+                raise ParamError("adapted", "choose an adapted checkpoint, or at least one LoRA or ControlNet unit "
+                                            "for the adapted leg")
         if self.source_cfg_scale != 0 and self.source_cfg_scale < 1:
             raise ParamError("source_cfg_scale", "must be 0 (follow the target's CFG scale) or at least 1")
 
@@ -295,6 +317,7 @@ class DeltaParams:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if not raw:
             values["loras"] = [{"name": spec.name, "weight": spec.weight} for spec in self.loras]
+            values["controlnet"] = [unit.as_dict(with_image=False) for unit in self.controlnet]
         return values
 
     def positional(self) -> list[Any]:
@@ -307,6 +330,8 @@ class DeltaParams:
             return value or NONE_CHOICE
         if setting.kind == "loras":
             return ", ".join(str(spec) for spec in value)
+        if setting.kind == "controlnet":
+            return [unit.as_dict() for unit in value]
         return value
 
     def lambda_schedule(self) -> LambdaSchedule:
@@ -327,6 +352,10 @@ class DeltaParams:
         for setting in SETTINGS:
             if setting.name == "enabled":
                 continue
+            if setting.kind == "controlnet":
+                for key, unit in zip(UNIT_INFOTEXT_KEYS, self.controlnet, strict=False):
+                    entries[key] = unit.infotext()
+                continue
             value = self._ui_value(setting)
             if setting.advanced and getattr(self, setting.name) == setting.default:
                 continue
@@ -343,10 +372,13 @@ class DeltaParams:
         """Params from parsed infotext (values are text); absent keys take defaults, so a paste resets them."""
         if not _truthy(params.get(SETTINGS_BY_NAME["enabled"].infotext, "False")):
             return cls()
-        values = {}
+        values: dict[str, Any] = {}
         for setting in SETTINGS:
             if setting.infotext in params:
                 values[setting.name] = infotext_value(setting, params[setting.infotext])
+        units = [unit_from_infotext(str(params[key]), key) for key in UNIT_INFOTEXT_KEYS if key in params]
+        if units:
+            values["controlnet"] = units
         return cls.create(**values)
 
     # -- schema ---------------------------------------------------------------------------------------------------
@@ -380,7 +412,11 @@ class DeltaParams:
                     "required": ["name"],
                     "additionalProperties": False,
                 }
-            prop["default"] = list(s.default) if s.kind == "loras" else s.default
+            elif s.kind == "controlnet":
+                prop["type"] = "array"
+                prop["maxItems"] = MAX_UNITS
+                prop["items"] = _unit_schema()
+            prop["default"] = list(s.default) if s.kind in ("loras", "controlnet") else s.default
             props[s.name] = prop
         return {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -390,6 +426,27 @@ class DeltaParams:
             "additionalProperties": False,
             "x-positional-order": [s.name for s in SETTINGS],
         }
+
+
+def _unit_schema() -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    for f in UNIT_FIELDS:
+        prop: dict[str, Any] = {"title": f.label, "description": f.help, "default": f.default}
+        if f.kind == "bool":
+            prop["type"] = "boolean"
+        elif f.kind in ("float", "int"):
+            prop["type"] = "number" if f.kind == "float" else "integer"
+            prop["minimum"], prop["maximum"] = f.minimum, f.maximum
+        elif f.kind == "choice":
+            prop["type"] = ["string", "integer"]
+            prop["enum"] = [*f.choices, *range(len(f.choices))]
+        elif f.kind == "image":
+            prop["type"] = ["string", "null"]
+            prop["contentEncoding"] = "base64"
+        else:
+            prop["type"] = "string"
+        props[f.name] = prop
+    return {"type": "object", "properties": props, "required": ["model"], "additionalProperties": False}
 
 
 def _truthy(text: Any) -> bool:

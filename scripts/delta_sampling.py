@@ -3,7 +3,7 @@
 from modules import scripts
 
 import lib_delta.webui  # imported at load time: the webui restores sys.path after loading each script
-from lib_delta.params import SETTINGS_BY_INFOTEXT
+from lib_delta.params import INFOTEXT_KEYS
 from lib_delta.webui import hooks, ui
 
 
@@ -19,7 +19,7 @@ class DeltaSamplingScript(scripts.Script):
     def ui(self, is_img2img):
         components, paste_fields = ui.build(self.elem_id)
         self.infotext_fields = paste_fields
-        self.paste_field_names = list(SETTINGS_BY_INFOTEXT)  # "Send to img2img/inpaint" carries DS settings along
+        self.paste_field_names = list(INFOTEXT_KEYS)  # "Send to img2img/inpaint" carries DS settings along
         return components
 
     def process(self, p, *args):

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from fastapi.exceptions import HTTPException
 
+from ..control_units import ControlStack, decode_image
 from ..delta import source_delta
 from ..errors import DeltaSamplingError, ParamError
 from ..latent import LatentFormat, LatentMap
-from ..params import SETTINGS_BY_INFOTEXT, DeltaParams
+from ..params import INFOTEXT_KEYS as PARAMS_INFOTEXT_KEYS
+from ..params import UNIT_INFOTEXT_KEYS, DeltaParams
 from ..resolution import LATENT_CELL, pooled_size, pooling_factor
 from ..schedule import LambdaSchedule, guard_delta
 from ..timesteps import DiscreteSchedule, vp_to_ve, x0_delta_to_eps
@@ -38,7 +40,7 @@ XYZ_ATTR = "delta_sampling_xyz"
 """Per-cell overrides set by the XYZ axes: a dict of setting name -> value, replaced (never mutated) per cell."""
 
 SKIPPED_KEYS_INFOTEXT = "Delta LoRA skipped keys"
-INFOTEXT_KEYS = [*SETTINGS_BY_INFOTEXT, "Delta LoRA hashes", SKIPPED_KEYS_INFOTEXT]
+INFOTEXT_KEYS = [*PARAMS_INFOTEXT_KEYS, "Delta LoRA hashes", SKIPPED_KEYS_INFOTEXT]
 
 
 class RequestError(DeltaSamplingError, HTTPException):
@@ -85,9 +87,11 @@ class DeltaJob:
     passes: dict[int, tuple[weakref.ref, PassState]] = field(default_factory=dict)
     cond_cache: dict[PromptSet, LegConds] = field(default_factory=dict)
     schedule: LambdaSchedule | None = None
+    controls: ControlStack | None = None  # the adapted leg's ControlNet units with their images
     target_calls: int = 0  # denoiser calls of this job, in and outside the window
     source_calls: int = 0  # calls that ran the source legs
     reused_calls: int = 0  # calls that reused the previous delta (reuse_steps > 1)
+    skipped_calls: int = 0  # calls where only ControlNet units make the difference and none was active
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -100,6 +104,8 @@ class DeltaJob:
                                      "reused_calls": self.reused_calls, "passes": len(self.passes),
                                      "pooling_factors": [state.factor for _, state in self.passes.values()],
                                      "legs_sizes": [state.legs_size for _, state in self.passes.values()],
+                                     "controlnet_calls": self.controls.calls if self.controls else 0,
+                                     "skipped_calls": self.skipped_calls,
                                      "failed": self.error is not None}
         if self.pair is not None:
             self.pair.release()
@@ -107,6 +113,7 @@ class DeltaJob:
             CACHE.park()
         self.passes.clear()
         self.cond_cache.clear()
+        self.controls = None
 
 
 # --- job set-up ----------------------------------------------------------------------------------------------------
@@ -138,13 +145,27 @@ def begin_job(p: Any, args: tuple) -> None:
         pair = CACHE.pair(params)
         print(f"Delta Sampling: {CACHE.last_event}")
         _write_infotext(p, job, pair)
-        if pair.adapted is pair.base and not pair.loras:
+        if pair.changes_nothing:
             pair.release()  # adapted == base: the delta is exactly 0, the legs need not run
             return
+        if pair.controls:
+            job.controls = ControlStack([(unit, net, _control_image(p, unit, i))
+                                         for i, (unit, net, _) in enumerate(pair.controls)])
         job.pair = pair
         job.schedule = params.lambda_schedule()
     except Exception as exc:  # surfaced by the p.sample wrapper, see the module docstring
         job.fail(exc)
+
+
+def _control_image(p: Any, unit: Any, index: int) -> Any:
+    """The unit's image, decoded; in img2img a unit without one takes the init image."""
+    where = f"controlnet[{index}]"
+    image = unit.image
+    if image is None and getattr(p, "init_images", None):
+        image = p.init_images[0]
+    if image is None:
+        raise ParamError(where, f"image: unit {index + 1} ({unit.model}) has no control image; txt2img needs one")
+    return decode_image(image, where)
 
 
 def _refuse_global_unet_patches() -> None:
@@ -163,10 +184,14 @@ def _params_for(p: Any, args: tuple) -> DeltaParams:
     params = DeltaParams.from_api(args)
     overrides = dict(getattr(p, XYZ_ATTR, None) or {})
     lora_weight = overrides.pop("lora_weight", None)
+    unit_overrides = {name: overrides.pop(f"controlnet_{name}")
+                      for name in ("weight", "guidance_start", "guidance_end") if f"controlnet_{name}" in overrides}
     if overrides:
         params = params.replace(**overrides)
     if lora_weight is not None:
         params = params.replace(loras=[{"name": spec.name, "weight": lora_weight} for spec in params.loras])
+    if unit_overrides:  # an XYZ axis over every unit's weight, start or end
+        params = params.replace(controlnet=[{**unit.as_dict(), **unit_overrides} for unit in params.controlnet])
     return params
 
 
@@ -201,6 +226,8 @@ def _write_infotext(p: Any, job: DeltaJob, pair: SourcePair) -> None:
         skipped = [f"{net.name}: {net.skipped_text()}" for net, _ in pair.loras if net.not_applied]
         if skipped:
             entries[SKIPPED_KEYS_INFOTEXT] = "; ".join(skipped)
+    for key, (unit, _net, title) in zip(UNIT_INFOTEXT_KEYS, pair.controls, strict=False):
+        entries[key] = unit.infotext(title)  # the model with its hash
     p.extra_generation_params.update(entries)
 
 
@@ -393,6 +420,12 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
     else:
         x, sigma, target_x0 = call.x, call.sigma, denoised
 
+    pair = job.pair
+    if (job.controls is not None and pair.adapted is pair.base and not pair.loras
+            and not job.controls.any_active(denoiser.step, denoiser.total_steps)):
+        # Only the ControlNet units make the adapted leg differ, and none runs now: the delta is exactly 0.
+        job.skipped_calls += 1
+        return denoised
     reuse = state.last_delta is not None and state.calls_in_window % params.reuse_steps != 0
     state.calls_in_window += 1
     if reuse:
@@ -407,6 +440,8 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
             cond_only=params.cond_only,
             batch_legs=params.batch_legs,
             wrapper=state.wrapper,
+            total_steps=denoiser.total_steps,
+            controls=job.controls,
         )
         legs = SourceLegs(job.pair, state.conds, request)
         delta = source_delta(x, sigma, legs, latent_map, factor=state.factor)

@@ -6,7 +6,9 @@ CFG combine, the same "skip the uncond" decisions (NGMS, skip early CFG), rows w
 separate calls. So with the target checkpoint as the source base, the base leg reproduces the target's prediction.
 
 The two legs of a LoRA pair run on one model: base rows and adapted rows go through one batched forward with the LoRA
-applied to the adapted rows only (``RuntimeLora`` in ``rows_from`` mode).
+applied to the adapted rows only (``RuntimeLora`` in ``rows_from`` mode). ControlNet units of the adapted leg work the
+same way: for the length of one forward the UNet instance's ``forward`` is a stand-in that adds the units' residuals
+to the adapted rows only (:func:`lib_delta.controlnet.controlled_forward`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any
 
 import torch
 
+from ..control_units import ControlStack
+from ..controlnet import ActiveControl, controlled_forward
+from ..resolution import LATENT_CELL
 from .source_models import LoadedCheckpoint, SourcePair
 
 
@@ -94,6 +99,7 @@ class _Segment:
     sigma: torch.Tensor
     cond: Any
     adapted: bool
+    uncond: bool = False
     out: torch.Tensor | None = None
 
 
@@ -103,7 +109,8 @@ def _condition_dict(cond: Any) -> dict:
     return {"c_crossattn": [cond]}
 
 
-def _run_segments(checkpoint: LoadedCheckpoint, segments: list[_Segment], runtime_lora: Any, wrapper: str) -> None:
+def _run_segments(checkpoint: LoadedCheckpoint, segments: list[_Segment], runtime_lora: Any, wrapper: str,
+                  controls: ControlScope | None = None) -> None:
     """Denoise every segment, batching those with equal token lengths; base rows first, adapted rows after them."""
     groups: dict[tuple, list[_Segment]] = {}
     for seg in segments:
@@ -122,7 +129,8 @@ def _run_segments(checkpoint: LoadedCheckpoint, segments: list[_Segment], runtim
             mode, split = "off", None
         else:
             mode, split = "rows_from", n_base
-        with checkpoint.on_compute_device(), _lora_mode(runtime_lora, mode, split):
+        with checkpoint.on_compute_device(), _lora_mode(runtime_lora, mode, split), \
+                _control_mode(checkpoint, controls, group, x.device):
             out = checkpoint.denoiser_for(wrapper)(x, sigma, cond=_condition_dict(cond))
         start = 0
         for seg in group:
@@ -132,6 +140,39 @@ def _run_segments(checkpoint: LoadedCheckpoint, segments: list[_Segment], runtim
 
 def _lora_mode(runtime_lora: Any, mode: str, split: int | None) -> Any:
     return contextlib.nullcontext() if runtime_lora is None else runtime_lora.scoped(mode, split)
+
+
+@dataclass
+class ControlScope:
+    """The ControlNet units active at this call, and who counts their calls."""
+
+    active: list[ActiveControl]
+    on_call: Any = None
+
+
+@contextlib.contextmanager
+def _control_mode(checkpoint: LoadedCheckpoint, controls: ControlScope | None, group: list[_Segment],
+                  device: torch.device) -> Any:
+    """For one forward: the UNet instance's ``forward`` adds the units' residuals to the group's adapted rows."""
+    if controls is None or not controls.active or not any(seg.adapted for seg in group):
+        yield
+        return
+    rows, cond_rows, start = [], [], 0
+    for seg in group:
+        n = seg.x.shape[0]
+        if seg.adapted:
+            rows.extend(range(start, start + n))
+            if not seg.uncond:
+                cond_rows.extend(range(start, start + n))
+        start += n
+    unet = checkpoint.unet
+    assert "forward" not in unet.__dict__, "the source UNet's forward is already replaced"
+    unet.forward = controlled_forward(unet, controls.active, torch.tensor(rows, device=device),
+                                      torch.tensor(cond_rows, device=device, dtype=torch.long), controls.on_call)
+    try:
+        yield
+    finally:
+        del unet.forward
 
 
 def _combine(cond_out: torch.Tensor, uncond_out: torch.Tensor, conds_list: list, cond_scale: float) -> torch.Tensor:
@@ -153,6 +194,8 @@ class LegRequest:
     cond_only: bool  # the user's cheaper variant: no uncond rows and no CFG for the source legs
     batch_legs: bool
     wrapper: str = "k"  # "lcm" when the target samples with LCM (its denoiser scales x0 its own way)
+    total_steps: int = 1  # with ``step``: the ControlNet units' windows
+    controls: ControlStack | None = None  # the adapted leg's ControlNet units
 
 
 class SourceLegs:
@@ -175,16 +218,22 @@ class SourceLegs:
             segments = [_Segment(x[index], sigma[index], cond_tensor, adapted)]
             with_uncond = not (req.skip_uncond or req.cond_only)
             if with_uncond:
-                segments.append(_Segment(x, sigma, prompt_parser.reconstruct_cond_batch(uncond, req.step), adapted))
+                segments.append(_Segment(x, sigma, prompt_parser.reconstruct_cond_batch(uncond, req.step), adapted,
+                                         uncond=True))
             legs.append((conds_list, segments, with_uncond))
 
         pair, wrapper = self.pair, req.wrapper
+        controls = None
+        if req.controls is not None:
+            height, width = (int(n) * LATENT_CELL for n in x.shape[-2:])  # the hint is at the legs' pixel size
+            controls = ControlScope(req.controls.active(req.step, req.total_steps, width, height),
+                                    req.controls.count_call)
         if pair.shares_weights and req.batch_legs:
-            _run_segments(pair.base, [s for _, segs, _ in legs for s in segs], pair.runtime_lora, wrapper)
+            _run_segments(pair.base, [s for _, segs, _ in legs for s in segs], pair.runtime_lora, wrapper, controls)
         else:
             base_lora = pair.runtime_lora if pair.shares_weights else None
             _run_segments(pair.base, legs[0][1], base_lora, wrapper)
-            _run_segments(pair.adapted, legs[1][1], pair.runtime_lora, wrapper)
+            _run_segments(pair.adapted, legs[1][1], pair.runtime_lora, wrapper, controls)
 
         results = []
         for conds_list, segments, with_uncond in legs:

@@ -1,4 +1,5 @@
-"""HTTP routes under ``/delta-sampling/v1/``: version, schema, status, unload.
+"""HTTP routes under ``/delta-sampling/v1/``: version, schema, status, unload, and the ControlNet model list and
+preprocessor (``controlnet/models``, ``controlnet/preprocess``: a map can be checked, and reused with module "none").
 
 Routes added to the app directly bypass the webui's ``--api-auth``; these check it exactly as ``Api.auth`` does.
 
@@ -11,6 +12,7 @@ from secrets import compare_digest
 from typing import Any
 
 from .. import __version__
+from ..errors import ParamError
 from ..params import DeltaParams
 from .source_models import CACHE
 
@@ -51,7 +53,7 @@ def process_memory() -> dict[str, Any]:
 
 
 def register(app: Any) -> None:
-    from fastapi import Depends, HTTPException
+    from fastapi import Body, Depends, HTTPException
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
     from modules import shared
     from modules.call_queue import queue_lock
@@ -74,11 +76,38 @@ def register(app: Any) -> None:
     def status() -> dict[str, Any]:
         return {**CACHE.status(), **process_memory()}
 
+    def controlnet_models() -> dict[str, Any]:
+        from .source_models import list_controlnets
+
+        return {"models": list(list_controlnets())}
+
+    def controlnet_preprocess(payload: dict = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
+        """The control map of ``image`` with a unit's preprocessor fields; with ``width`` and ``height`` also fitted
+        by ``resize_mode`` to that generation size, as a generation would use it."""
+        from ..control_units import control_map, decode_image, encode_png, parse_unit, preprocess
+
+        try:
+            fields = dict(payload)
+            size = [fields.pop(k, None) for k in ("width", "height")]
+            unit = parse_unit({"model": "preprocess", **fields}, "controlnet/preprocess")
+            image = decode_image(unit.image, "controlnet/preprocess")
+            if all(isinstance(n, int) and not isinstance(n, bool) and 8 <= n <= 8192 for n in size):
+                result = control_map(unit, image, size[0], size[1])
+            elif size == [None, None]:
+                result = preprocess(unit, image, image.shape[1], image.shape[0])
+            else:
+                raise ParamError("controlnet/preprocess", f"width and height must be whole numbers 8..8192, got {size}")
+        except ParamError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from exc
+        return {"image": encode_png(result), "width": int(result.shape[1]), "height": int(result.shape[0])}
+
     def unload() -> dict[str, Any]:
         with queue_lock:  # never while a generation is using the models
             freed = CACHE.unload()
         return {"unloaded": freed, **process_memory()}
 
     for path, endpoint, methods in (("version", version, ["GET"]), ("schema", schema, ["GET"]),
-                                    ("status", status, ["GET"]), ("unload", unload, ["POST"])):
+                                    ("status", status, ["GET"]), ("unload", unload, ["POST"]),
+                                    ("controlnet/models", controlnet_models, ["GET"]),
+                                    ("controlnet/preprocess", controlnet_preprocess, ["POST"])):
         app.add_api_route(f"{PREFIX}/{path}", endpoint, methods=methods, dependencies=dependencies)

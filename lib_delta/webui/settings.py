@@ -27,3 +27,7 @@ def _add_options() -> None:
     shared.opts.add_option("delta_sampling_cache_size", shared.OptionInfo(
         2, "Source checkpoints kept loaded", gr.Slider, {"minimum": 1, "maximum": 6, "step": 1}, section=section,
     ).info("least recently used ones are freed first; a LoRA pair needs 1, a checkpoint pair 2"))
+    shared.opts.add_option("delta_sampling_controlnet_units", shared.OptionInfo(
+        3, "ControlNet unit tabs on the adapted leg", gr.Slider, {"minimum": 1, "maximum": 8, "step": 1},
+        section=section,
+    ).info("how many units the UI shows (the API takes up to 8 in any case); needs a UI reload").needs_reload_ui())

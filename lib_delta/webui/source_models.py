@@ -27,11 +27,16 @@ from typing import Any
 
 import torch
 
+from ..control_units import ControlUnit
+from ..controlnet import ControlNet, build_controlnet, expand_control_lora
+from ..controlnet_files import ControlNetFileError, read_controlnet
 from ..errors import DeltaSamplingError
 from ..latent import LATENT_FORMATS, LatentFormat
 from ..lora import LoraError, LoraMisfitError, LoraNetwork, MergedLora, RuntimeLora, merge, parse_network
 from ..lora_keys import layers_named_per_family
 from ..params import DeltaParams, LoraSpec
+
+CONTROLNETS_PER_CHECKPOINT = 4
 
 
 class SourceModelError(DeltaSamplingError):
@@ -98,6 +103,67 @@ def resolve_lora(name: str) -> Any:
     return on_disk
 
 
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+
+
+def controlnet_dirs() -> list[str]:
+    """Where ControlNet files are looked for: models/ControlNet, and the folders sd-webui-controlnet reads."""
+    from modules import paths, shared
+    from modules.paths_internal import extensions_dir
+
+    dirs = [os.path.join(paths.models_path, "ControlNet"),
+            os.path.join(extensions_dir, "sd-webui-controlnet", "models"),
+            getattr(shared.cmd_opts, "controlnet_dir", None),
+            getattr(shared.opts, "control_net_models_path", None)]
+    out: list[str] = []
+    for folder in dirs:
+        if folder and os.path.isdir(folder) and os.path.abspath(folder) not in out:
+            out.append(os.path.abspath(folder))
+    return out
+
+
+def list_controlnets() -> dict[str, str]:
+    """ControlNet names (file names without extension; the first folder wins a clash) -> file paths, sorted."""
+    found: dict[str, str] = {}
+    for folder in controlnet_dirs():
+        for root, _dirs, files in os.walk(folder, followlinks=True):
+            for file in sorted(files):
+                stem, suffix = os.path.splitext(file)
+                if suffix.lower() in CONTROLNET_SUFFIXES and stem not in found:
+                    found[stem] = os.path.join(root, file)
+    return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+
+
+def controlnet_hash(name: str, filename: str) -> str:
+    """The file's sha256, first 10 hex digits, through the webui's hash cache (computed once per file)."""
+    from modules import hashes
+
+    return (hashes.sha256(filename, f"controlnet/{name}") or "")[:10]
+
+
+def resolve_controlnet(name: str) -> tuple[str, str]:
+    """(name, file) for a ControlNet named exactly (``name``, ``name.ext`` or ``name [hash]``); lists folders anew."""
+    import re
+
+    available = list_controlnets()
+    wanted_hash = None
+    m = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]{8,64})\]", name)
+    if m:
+        name, wanted_hash = m.group(1), m.group(2).lower()
+    stem = os.path.splitext(name)[0] if os.path.splitext(name)[1].lower() in CONTROLNET_SUFFIXES else name
+    filename = available.get(stem)
+    if filename is None:
+        known = ", ".join(list(available)[:20]) or "none"
+        folders = ", ".join(controlnet_dirs()) or "models/ControlNet (missing)"
+        raise SourceModelError(f"controlnet: no ControlNet named {name!r} in {folders}; known: {known}")
+    if wanted_hash:
+        full = controlnet_hash(stem, filename)
+        if not full.startswith(wanted_hash[: len(full)]):
+            raise SourceModelError(f"controlnet: {stem} has hash {full}, but {wanted_hash} was asked for: a different "
+                                   "file now has that name")
+    return stem, filename
+
+
 # --- one loaded checkpoint -----------------------------------------------------------------------------------------
 
 
@@ -152,6 +218,8 @@ class LoadedCheckpoint:
     load_seconds: float
     text_encoder_root: str  # "cond_stage_model" (SD1/SD2) or "conditioner" (SDXL): where text-encoder LoRAs apply
     lora_view: torch.nn.Module  # the model under its original module paths, as LoRA key names expect them
+    unet_kwargs: dict[str, Any] = field(default_factory=dict)  # the UNet's constructor arguments (its config)
+    controlnets: OrderedDict[tuple, ControlNet] = field(default_factory=OrderedDict)  # built for this UNet, LRU
     lora_cache: dict[tuple, LoraNetwork] = field(default_factory=dict)
     runtime_lora: RuntimeLora | None = None  # hooks currently installed on this model (at most one set)
     offload: bool = False  # --lowvram/--medvram: wait on the CPU, visit the GPU for each forward
@@ -176,7 +244,36 @@ class LoadedCheckpoint:
         return self.info.title
 
     def nbytes(self, seen: set[int] | None = None) -> int:
-        return _param_bytes(self.model, seen)
+        seen = set() if seen is None else seen
+        return _param_bytes(self.model, seen) + sum(_param_bytes(net, seen) for net in self.controlnets.values())
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.model.model.diffusion_model
+
+    def controlnet(self, name: str, filename: str) -> ControlNet:
+        """The ControlNet in ``filename`` built for this checkpoint's UNet (cached; at most
+        :data:`CONTROLNETS_PER_CHECKPOINT` per checkpoint, least recently used freed first)."""
+        key = _file_key(filename)
+        net = self.controlnets.get(key)
+        if net is None:
+            state_dict = read_checked_state_dict(filename, "ControlNet file")
+            try:
+                cn = read_controlnet(state_dict, name)
+                if cn.kind == "control_lora":
+                    cn = expand_control_lora(cn, self.unet.state_dict())
+                dtype = next(self.unet.parameters()).dtype
+                net = build_controlnet(self.unet, self.unet_kwargs, cn, device=self.device, dtype=dtype,
+                                       source=self.info.name, source_family=self.family)
+            except ControlNetFileError as exc:
+                raise SourceModelError(f"{exc} ({filename})") from exc
+            finally:
+                del state_dict
+            while len(self.controlnets) >= CONTROLNETS_PER_CHECKPOINT:
+                self.controlnets.popitem(last=False)
+            self.controlnets[key] = net
+        self.controlnets.move_to_end(key)
+        return net
 
     def denoiser_for(self, wrapper: str) -> torch.nn.Module:
         """The k-diffusion wrapper matching the target's: the usual one, or LCM's (its own x0 scaling and t grid)."""
@@ -195,6 +292,8 @@ class LoadedCheckpoint:
     def move(self, device: torch.device) -> None:
         self.denoiser.to(device)  # the denoiser holds the model as a submodule, plus its sigma tables
         self.model.alphas_cumprod = self.model.alphas_cumprod.to(device)
+        for net in self.controlnets.values():
+            net.to(device)
         self._lcm_denoiser = None  # rebuilt on the new device when needed
 
     def drop_runtime_lora(self) -> None:
@@ -206,6 +305,7 @@ class LoadedCheckpoint:
         """Forget this model: hooks off, parsed LoRAs dropped. Tensors it shares with another model stay alive."""
         self.drop_runtime_lora()
         self.lora_cache.clear()
+        self.controlnets.clear()
 
 
 def read_checked_state_dict(filename: str, what: str) -> dict:
@@ -318,6 +418,8 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Load
         config_path = sd_models_config.find_checkpoint_config(state_dict, info)
         config = OmegaConf.load(config_path)
         sd_models.repair_config(config, state_dict)
+        unet_config = config.model.params.get("unet_config") or config.model.params.get("network_config")
+        unet_kwargs = OmegaConf.to_container(unet_config.params, resolve=True)
         for key in [k for k in state_dict if k.startswith("first_stage_model.")]:
             del state_dict[key]  # the VAE is never needed for DS
         with sd_disable_initialization.DisableInitialization(disable_clip=_clip_weights_present(state_dict)), \
@@ -363,7 +465,7 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Load
         return LoadedCheckpoint(
             info=info, model=model, denoiser=denoiser, family=model_family(model),
             latent_format=latent_format_of(model), load_seconds=time.perf_counter() - started,
-            text_encoder_root=text_root, lora_view=lora_view,
+            text_encoder_root=text_root, lora_view=lora_view, unet_kwargs=unet_kwargs,
         )
     except torch.cuda.OutOfMemoryError as exc:
         _discard(model)
@@ -494,6 +596,12 @@ class SourcePair:
     loras: list[tuple[LoraNetwork, float]]
     runtime_lora: RuntimeLora | None
     loaded_now: list[str]  # titles loaded for this generation (empty: everything came from the cache)
+    controls: list[tuple[ControlUnit, ControlNet, str]] = field(default_factory=list)  # (unit, network, title)
+
+    @property
+    def changes_nothing(self) -> bool:
+        """Adapted is the base itself with no LoRA and no ControlNet: the delta is exactly 0."""
+        return self.adapted is self.base and not self.loras and not self.controls
 
     @property
     def shares_weights(self) -> bool:
@@ -607,11 +715,19 @@ class SourceCache:
                 except LoraError as exc:
                     raise SourceModelError(f"loras: {exc}") from exc
                 adapted.runtime_lora = runtime
+            controls = []
+            for unit in params.controlnet:
+                name, filename = resolve_controlnet(unit.model)
+                fresh = _file_key(filename) not in adapted.controlnets
+                title = f"{name} [{controlnet_hash(name, filename)}]"
+                controls.append((unit, adapted.controlnet(name, filename), title))
+                if fresh:
+                    loaded_now.append(f"ControlNet {name}")
             self.last_event = (f"loaded {', '.join(loaded_now)}" if loaded_now
                                else "reused the cached source models (nothing loaded)")
             if networks:
                 self.last_event += "; LoRA " + "; ".join(net.summary() for net, _ in networks)
-            return SourcePair(base, adapted, networks, runtime, loaded_now)
+            return SourcePair(base, adapted, networks, runtime, loaded_now, controls)
 
     def park(self) -> None:
         """Apply the residency setting after a generation: stay, move to CPU, or unload."""
@@ -655,6 +771,7 @@ class SourceCache:
                     "bytes": loaded.nbytes(seen),
                     "load_seconds": round(loaded.load_seconds, 3),
                     "loras_parsed": [net.name for net in loaded.lora_cache.values()],
+                    "controlnets": len(loaded.controlnets),
                     "loras": [{"name": net.name, "applied_keys": net.matched_keys,
                                "not_applied_keys": len(net.not_applied), "first_not_applied": net.not_applied[:3],
                                "module_types": net.kinds()} for net in loaded.lora_cache.values()],

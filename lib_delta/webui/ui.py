@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..params import NONE_CHOICE, SETTINGS, SETTINGS_BY_NAME, Setting, infotext_value
+from . import ui_controlnet
 from .source_models import CACHE
 
 ENABLED_KEY = SETTINGS[0].infotext
@@ -71,8 +72,8 @@ def status_html() -> str:
     return f"<div class='delta-sampling-status'>{body}</div>"
 
 
-def tooltips_html(elem_id: Callable[[str], str]) -> str:
-    data = {elem_id(s.name): s.help for s in SETTINGS}
+def tooltips_html(elem_id: Callable[[str], str], extra: dict[str, str] | None = None) -> str:
+    data = {**{elem_id(s.name): s.help for s in SETTINGS}, **(extra or {})}
     return (f"<span class='delta-sampling-tooltips' style='display:none' "
             f"data-tooltips='{html.escape(json.dumps(data), quote=True)}'></span>")
 
@@ -108,7 +109,6 @@ def build(elem_id: Callable[[str], str]) -> tuple[list[Any], list[tuple[Any, Cal
     by_name: dict[str, Any] = {}
     with InputAccordion(False, label="Delta Sampling", elem_id=elem_id("enabled")) as enabled:
         by_name["enabled"] = enabled
-        gr.HTML(tooltips_html(elem_id))
         by_name["scale"] = _component(SETTINGS_BY_NAME["scale"], elem_id("scale"))
         with FormRow():
             by_name["source"] = _component(SETTINGS_BY_NAME["source"], elem_id("source"))
@@ -117,6 +117,7 @@ def build(elem_id: Callable[[str], str]) -> tuple[list[Any], list[tuple[Any, Cal
         with FormRow():
             by_name["loras"] = _component(SETTINGS_BY_NAME["loras"], elem_id("loras"))
             add_lora = gr.Dropdown(choices=lora_names(), value=None, label="Add a LoRA", elem_id=elem_id("add_lora"))
+        unit_components, unit_paste_fields, unit_tooltips = ui_controlnet.build(elem_id)
         with gr.Accordion("Advanced", open=False, elem_id=elem_id("advanced")):
             for setting in SETTINGS:
                 if setting.advanced:
@@ -127,6 +128,7 @@ def build(elem_id: Callable[[str], str]) -> tuple[list[Any], list[tuple[Any, Cal
                                            tooltip="Show what is loaded")
                 unload_button = ToolButton(value="\u23cf", elem_id=elem_id("unload"),
                                            tooltip="Unload the source models now")
+        gr.HTML(tooltips_html(elem_id, unit_tooltips))
 
     def refresh_lists() -> list[Any]:
         sd_models.list_models()
@@ -158,6 +160,8 @@ def build(elem_id: Callable[[str], str]) -> tuple[list[Any], list[tuple[Any, Cal
     status_button.click(status_html, inputs=[], outputs=[status])
     unload_button.click(unload, inputs=[], outputs=[status])
 
-    components = [by_name[s.name] for s in SETTINGS]
-    paste_fields = [(by_name[s.name], paste_target(s)) for s in SETTINGS]
+    # positional order: every setting but the units, then the unit tabs' fields (DeltaParams.from_positional)
+    plain = [s for s in SETTINGS if s.kind != "controlnet"]
+    components = [by_name[s.name] for s in plain] + unit_components
+    paste_fields = [(by_name[s.name], paste_target(s)) for s in plain] + unit_paste_fields
     return components, paste_fields

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..control_units import UNIT_FIELDS_BY_NAME
 from ..params import NONE_CHOICE, SETTINGS_BY_NAME, Setting
 from .hooks import XYZ_ATTR
 
@@ -29,6 +30,13 @@ def _confirm_range(setting: Setting):
                 raise ValueError(f"{setting.label}: {value} is outside [{setting.minimum:g}, {setting.maximum:g}]")
 
     return confirm
+
+
+def unit_setting(name: str) -> Setting:
+    """A unit field as a :class:`Setting` (for the range check of its axis, applied to every unit)."""
+    f = UNIT_FIELDS_BY_NAME[name]
+    return Setting(f"controlnet_{name}", f"Delta ControlNet {f.label.lower()}", "", f.kind, f.default, f.help,
+                   f.minimum, f.maximum)
 
 
 def _bool(text: str) -> bool:
@@ -73,6 +81,9 @@ def register() -> bool:
                        choices=lambda: [NONE_CHOICE, *checkpoint_titles()], cost=1.0),
         xyz.AxisOption("Delta enabled", _bool, _apply("enabled"), choices=xyz.boolean_choice(reverse=True)),
         xyz.AxisOption("Delta cond only", _bool, _apply("cond_only"), choices=xyz.boolean_choice(reverse=True)),
+        *(xyz.AxisOption(label, float, _apply(f"controlnet_{name}"), confirm=_confirm_range(unit_setting(name)))
+          for label, name in (("Delta ControlNet weight", "weight"), ("Delta ControlNet start", "guidance_start"),
+                              ("Delta ControlNet end", "guidance_end"))),
         xyz.AxisOption("Delta source resolution", str, _apply("source_resolution"),
                        choices=lambda: list(SETTINGS_BY_NAME["source_resolution"].choices)),
     ])

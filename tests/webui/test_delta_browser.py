@@ -102,3 +102,51 @@ def test_failure_is_shown_in_the_ui(webui, browser):
         return text if "choose the source base checkpoint" in text else False
 
     assert WebDriverWait(browser, TIMEOUT).until(error_shown)
+
+
+def test_controlnet_units_in_both_tabs_and_a_generation_with_one(webui, browser, tmp_path):
+    from PIL import Image, ImageDraw
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from lib_delta.control_units import UNIT_FIELDS
+
+    image_path = tmp_path / "control.png"
+    img = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(img).rectangle([8, 8, 40, 40], fill="white")
+    img.save(image_path)
+
+    browser.get(webui.url)
+    WebDriverWait(browser, TIMEOUT).until(ec.visibility_of_element_located((By.ID, "txt2img_generate")))
+    for tab in ("txt2img", "img2img"):
+        for index in range(3):  # the default number of unit tabs
+            for f in UNIT_FIELDS:
+                assert browser.find_elements(By.ID, f"script_{tab}_delta_sampling_controlnet_{index}_{f.name}"), (
+                    tab, index, f.name)
+
+    accordion = browser.find_element(By.ID, "script_txt2img_delta_sampling_enabled")
+    browser.execute_script("arguments[0].scrollIntoView()", accordion)
+    accordion.find_element(By.CSS_SELECTOR, ".label-wrap").click()
+    sub = browser.find_element(By.ID, "script_txt2img_delta_sampling_controlnet")
+    browser.execute_script("arguments[0].scrollIntoView()", sub)
+    sub.find_element(By.CSS_SELECTOR, ".label-wrap").click()
+    upload = browser.find_element(By.CSS_SELECTOR,
+                                  "#script_txt2img_delta_sampling_controlnet_0_image input[type=file]")
+    upload.send_keys(str(image_path))
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(
+        By.CSS_SELECTOR, "#script_txt2img_delta_sampling_controlnet_0_image img"))
+    browser.find_element(By.CSS_SELECTOR, "#script_txt2img_delta_sampling_controlnet_0_enabled input").click()
+    _pick(browser, "script_txt2img_delta_sampling_controlnet_0_model", "tiny-sd1-cn")
+    _set_number(browser, "txt2img_width", 64)
+    _set_number(browser, "txt2img_height", 64)
+    _set_number(browser, "txt2img_steps", 4)
+    _pick(browser, "script_txt2img_delta_sampling_source", "tiny-sd1-a")
+    browser.find_element(By.ID, "txt2img_generate").click()
+
+    def infotext(driver):
+        text = driver.find_element(By.ID, "html_info_txt2img").text
+        return text if "Delta ControlNet 1" in text else False
+
+    text = WebDriverWait(browser, TIMEOUT).until(infotext)
+    assert "Model: tiny-sd1-cn [" in text and "Delta source: tiny-sd1-a" in text

@@ -373,6 +373,10 @@ def make_data_dir(data_dir: Path, models: TinyModels, default: Checkpoint) -> Pa
         (sd_dir / c.yaml_path.name).symlink_to(c.yaml_path)
     for lo in models.loras.values():
         (lora_dir / lo.file).symlink_to(lo.path)
+    cn_dir = data_dir / "models" / "ControlNet"  # where the extension (and sd-webui-controlnet) look first
+    cn_dir.mkdir(parents=True, exist_ok=True)
+    for path in (models.root / "ControlNet").glob("*.safetensors"):
+        (cn_dir / path.name).symlink_to(path)
     ext = ext_dir / EXTENSION_NAME
     ext.symlink_to(PROJECT_ROOT, target_is_directory=True)
     support = ext_dir / SUPPORT_NAME
