@@ -130,3 +130,34 @@ def test_check_against_the_source_unet():
     missing = {k: s for k, s in unet.items() if k != "middle_block.1.proj_out.weight"}
     with pytest.raises(ControlNetFileError, match=r"middle_block\.1\.proj_out\.weight has no counterpart"):
         check_against_unet(cn, missing, source="tiny", source_family="sd1")
+
+
+def test_control_lora_is_made_whole_from_the_source_weights():
+    from lib_delta.controlnet import expand_control_lora
+
+    unet = {k: v for k, v in ldm_tensors().items() if not k.startswith(("input_hint_block.", "zero_convs.",
+                                                                        "middle_block_out."))}
+    g = torch.Generator().manual_seed(1)
+    up, down = torch.randn(8, 2, 1, 1, generator=g), torch.randn(2, 8, 3, 3, generator=g)
+    lin_up, lin_down = torch.randn(16, 2, generator=g), torch.randn(2, 8, generator=g)
+    norm = torch.randn(8, generator=g)
+    control = {k: v for k, v in ldm_tensors().items() if k.startswith(("input_hint_block.", "zero_convs.",
+                                                                       "middle_block_out."))}
+    control.update({"lora_controlnet": torch.tensor([]),
+                    "input_blocks.1.0.in_layers.2.up": up, "input_blocks.1.0.in_layers.2.down": down,
+                    "time_embed.0.up": lin_up, "time_embed.0.down": lin_down,
+                    "input_blocks.1.0.in_layers.0.weight": norm})  # a tensor of its own replaces the source's
+    whole = expand_control_lora(read_controlnet(control, name="ctrl-lora"), unet)
+    assert whole.kind == "controlnet" and whole.layout == "control-lora"
+    conv = unet["input_blocks.1.0.in_layers.2.weight"] + (up.flatten(1) @ down.flatten(1)).reshape(8, 8, 3, 3)
+    assert torch.equal(whole.tensors["input_blocks.1.0.in_layers.2.weight"], conv)
+    assert torch.equal(whole.tensors["time_embed.0.weight"], unet["time_embed.0.weight"] + lin_up @ lin_down)
+    assert torch.equal(whole.tensors["input_blocks.1.0.in_layers.0.weight"], norm)
+    assert torch.equal(whole.tensors["middle_block.1.proj_out.weight"], unet["middle_block.1.proj_out.weight"])
+    assert not any(k.endswith((".up", ".down")) or k == "lora_controlnet" for k in whole.tensors)
+    # a pair whose weight the source lacks, or a half pair, is an error naming it
+    with pytest.raises(ControlNetFileError, match=r"input_blocks\.9\.0\.in_layers\.2"):
+        expand_control_lora(read_controlnet({**control, "input_blocks.9.0.in_layers.2.up": up,
+                                             "input_blocks.9.0.in_layers.2.down": down}, name="x"), unet)
+    with pytest.raises(ControlNetFileError, match="no down half"):
+        expand_control_lora(read_controlnet({**control, "time_embed.2.up": lin_up}, name="x"), unet)

@@ -447,13 +447,16 @@ def start_webui(models: TinyModels, data_dir: Path, default_name: str = "tiny-sd
                 raise RuntimeError(f"webui exited with code {proc.returncode} during startup\n{ui.log_tail()}")
             # /sdapi/v1/* answers as soon as create_api() ran, but extension routes (on_app_started: the Lora
             # extension's /sdapi/v1/refresh-loras, this project's, the support extension's) are added after it; the
-            # webui prints "Startup time:" once those callbacks are done.
-            try:
-                r = session.get(ui.api("/sdapi/v1/sd-models"), timeout=5)
-                if r.status_code == 200 and "Startup time:" in ui.log_text():
-                    break
-            except requests.RequestException:
-                pass
+            # webui prints "Startup time:" once those callbacks are done. No request before that line: one that
+            # arrives between gradio's launch and create_api() builds the app's middleware stack, and the webui then
+            # dies adding its own ("Cannot add middleware after an application has started").
+            if "Startup time:" in ui.log_text():
+                try:
+                    r = session.get(ui.api("/sdapi/v1/sd-models"), timeout=5)
+                    if r.status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"webui not ready after {STARTUP_TIMEOUT:.0f}s\n{ui.log_tail()}")
             time.sleep(0.5)

@@ -15,7 +15,10 @@ On CUDA the hooks synchronise the device before reading the clock (CPU execution
   ``hooks.end_job``); the client reads it around each generation.
 
 Routes: ``GET /delta-bench/v1/last`` (the last generation's numbers), ``POST /delta-bench/v1/profile?top=N`` (cProfile
-the next generation's ``p.sample``; the text report lands in the next ``last`` under ``profile``).
+the next generation's ``p.sample``; the text report lands in the next ``last`` under ``profile``),
+``POST /delta-bench/v1/controlnet-cost?size=S&repeats=R`` (times a ControlNet built on the loaded SD1 checkpoint's UNet
+against that UNet's own forwards, and writes it to ``models/ControlNet/bench-cn-<checkpoint>.safetensors`` for
+end-to-end runs).
 """
 
 from __future__ import annotations
@@ -278,6 +281,87 @@ def _on_app_started(_demo, app):
         return _set_detached(on)
 
     app.add_api_route("/delta-bench/v1/detach", detach, methods=["POST"])
+
+
+    app.add_api_route("/delta-bench/v1/controlnet-cost", _controlnet_cost, methods=["POST"])
+
+
+def _controlnet_cost(size: int = 64, repeats: int = 5) -> dict:
+    """Forward timings for one ControlNet unit on the legs' batch (base cond, base uncond, adapted cond, adapted
+    uncond) of the loaded SD1 checkpoint, median of ``repeats``."""
+    import os
+    import statistics
+
+    from modules import call_queue, paths
+    from safetensors.torch import save_file
+
+    from lib_delta.control_units import soft_injection_table
+    from lib_delta.controlnet import ActiveControl, ControlNet, controlled_forward, controlnet_residuals
+
+    with call_queue.queue_lock, torch.no_grad():
+        model = shared.sd_model
+        unet = model.model.diffusion_model
+        if unet.num_classes is not None:
+            return {"error": "load an SD1/SD2 checkpoint first"}
+        channels = [int(b[-1].out_channels if hasattr(b[-1], "out_channels") else b[0].out_channels)
+                    for b in unet.input_blocks]
+        net = ControlNet(unet, 3, channels, int(unet.middle_block[-1].out_channels))  # the UNet's own encoder
+        gen = torch.Generator().manual_seed(0)
+        for module in [*net.input_hint_block, *net.zero_convs, net.middle_block_out]:
+            for param in module.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+        net = net.to(next(unet.parameters()).device)
+        device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+        latent = size // 8
+        x = torch.randn(4, 4, latent, latent, generator=gen).to(device, dtype)
+        t = torch.full((4,), 500.0, device=device)
+        context = torch.randn(4, 77, int(unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k.in_features),
+                              generator=gen).to(device, dtype)
+        hint = torch.rand(1, 3, size, size, generator=gen).to(device, dtype)
+        scales = [1.0] * (len(channels) + 1)
+        rows, cond_rows = torch.tensor([2, 3], device=device), torch.tensor([2], device=device)
+        both, first = torch.arange(2, device=device), torch.tensor([0], device=device)
+        balanced = controlled_forward(unet, [ActiveControl(net, hint, scales)], rows, cond_rows)
+        cond_only = controlled_forward(unet, [ActiveControl(net, hint, soft_injection_table(len(scales)), True)],
+                                       rows, cond_rows)
+        adapted_alone = controlled_forward(unet, [ActiveControl(net, hint, scales)], both, first)
+
+        def legs():
+            return unet(x, t, context)
+
+        def separate():
+            unet(x[:2], t[:2], context[:2])
+            return adapted_alone(x[2:], t[2:], context[2:])
+
+        cases = {
+            "legs_batch4": legs,
+            "legs_batch4_with_unit": lambda: balanced(x, t, context),
+            "legs_batch4_with_unit_cond_rows_only": lambda: cond_only(x, t, context),
+            "legs_separate_with_unit": separate,
+            "unet_batch2": lambda: unet(x[:2], t[:2], context[:2]),
+            "controlnet_batch2": lambda: controlnet_residuals(net, x[2:], t[2:], context[2:],
+                                                              hint.expand(2, -1, -1, -1)),
+        }
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for fn in cases.values():
+            fn()  # warm-up
+        for _ in range(max(1, int(repeats))):
+            for name, fn in cases.items():
+                _sync()
+                t0 = time.perf_counter()
+                fn()
+                _sync()
+                times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        title = os.path.splitext(os.path.basename(model.sd_checkpoint_info.filename))[0]
+        folder = os.path.join(paths.models_path, "ControlNet")
+        os.makedirs(folder, exist_ok=True)
+        state = {f"control_model.{k}": v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
+        save_file(state, os.path.join(folder, f"bench-cn-{title}.safetensors"))
+        return {"checkpoint": title, "size": size, "repeats": repeats, "median_s": med,
+                "controlnet_params": sum(p.numel() for p in net.parameters()),
+                "unet_params": sum(p.numel() for p in unet.parameters()),
+                "controlnet_file": f"bench-cn-{title}"}
 
 
 script_callbacks.on_app_started(_on_app_started)
