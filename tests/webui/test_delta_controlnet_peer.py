@@ -70,7 +70,7 @@ def peer():
     checkpoint = h.Checkpoint(name=c["name"], family="sd1", file=c["file"], path=root / "Stable-diffusion" / c["file"],
                               yaml_path=root / "Stable-diffusion" / c["yaml"], title=c["title"], sha256=c["sha256"],
                               shorthash=c["shorthash"], parameterization="eps", inpainting=False,
-                              bytes=c["bytes"], params={})
+                              bytes=c["bytes"], params={}, vae_seed=0)
     empty = Path(tempfile.mkdtemp())
     models = h.TinyModels(root=root, ckpt_dir=root / "Stable-diffusion", lora_dir=empty,
                           open_clip_configs=empty, checkpoints={c["name"]: checkpoint}, loras={}, manifest=manifest,
