@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ParamError
+from .fields import check_number
 
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
@@ -143,27 +143,14 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def _number(f: UnitField, value: Any, where: str, *, integer: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ParamError(where, f"{f.name}: expected a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ParamError(where, f"{f.name}: expected a finite number, got {value!r}")
-    if integer and value != int(value):
-        raise ParamError(where, f"{f.name}: expected a whole number, got {value!r}")
-    if f.minimum is not None and value < f.minimum:
-        raise ParamError(where, f"{f.name}: {value!r} is below the minimum {f.minimum:g}")
-    if f.maximum is not None and value > f.maximum:
-        raise ParamError(where, f"{f.name}: {value!r} is above the maximum {f.maximum:g}")
-    return int(value) if integer else float(value)
-
-
 def _unit_value(f: UnitField, value: Any, where: str) -> Any:
     if f.kind == "bool":
         if not isinstance(value, bool):
             raise ParamError(where, f"{f.name}: expected true or false, got {type(value).__name__} {value!r}")
         return value
     if f.kind in ("float", "int"):
-        return _number(f, value, where, integer=f.kind == "int")
+        return check_number(value, where=where, label=f"{f.name}: ", minimum=f.minimum, maximum=f.maximum,
+                            integer=f.kind == "int")
     if f.kind == "str":
         if not isinstance(value, str):
             raise ParamError(where, f"{f.name}: expected text, got {type(value).__name__} {value!r}")

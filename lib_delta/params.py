@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 
 from .control_units import MAX_UNITS, UNIT_FIELDS, ControlUnit, parse_units, unit_from_infotext, units_from_flat
 from .errors import ParamError
+from .fields import check_number, scalar_schema
 from .resolution import RESOLUTION_CHOICES
 from .schedule import DECAY_SHAPES, LambdaSchedule
 
@@ -129,17 +129,8 @@ def _format_number(value: float) -> str:
 
 
 def _finite_number(setting: Setting, value: Any, *, integer: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ParamError(setting.name, f"expected a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ParamError(setting.name, f"expected a finite number, got {value!r}")
-    if integer and value != int(value):
-        raise ParamError(setting.name, f"expected a whole number, got {value!r}")
-    if setting.minimum is not None and value < setting.minimum:
-        raise ParamError(setting.name, f"{value!r} is below the minimum {_format_number(setting.minimum)}")
-    if setting.maximum is not None and value > setting.maximum:
-        raise ParamError(setting.name, f"{value!r} is above the maximum {_format_number(setting.maximum)}")
-    return int(value) if integer else float(value)
+    return check_number(value, where=setting.name, label="", minimum=setting.minimum, maximum=setting.maximum,
+                        integer=integer)
 
 
 _LORA_ITEM = re.compile(r"^\s*(?P<name>.+?)\s*(?::\s*(?P<weight>[^:]+?)\s*)?$")
@@ -388,15 +379,9 @@ class DeltaParams:
         """JSON schema of the named-fields form of the API arguments."""
         props: dict[str, Any] = {}
         for s in SETTINGS:
-            prop: dict[str, Any] = {"title": s.label, "description": s.help, "x-infotext": s.infotext}
-            if s.kind == "bool":
-                prop["type"] = "boolean"
-            elif s.kind in ("float", "int"):
-                prop["type"] = "number" if s.kind == "float" else "integer"
-                prop["minimum"], prop["maximum"] = s.minimum, s.maximum
-            elif s.kind in ("str", "checkpoint"):
-                prop["type"] = "string"
-            elif s.kind == "optional_checkpoint":
+            prop: dict[str, Any] = {"title": s.label, "description": s.help, "x-infotext": s.infotext,
+                                    **scalar_schema(s.kind, s.minimum, s.maximum)}
+            if s.kind == "optional_checkpoint":
                 prop["type"] = ["string", "null"]
             elif s.kind == "choice":
                 prop["type"] = "string"
@@ -431,20 +416,14 @@ class DeltaParams:
 def _unit_schema() -> dict[str, Any]:
     props: dict[str, Any] = {}
     for f in UNIT_FIELDS:
-        prop: dict[str, Any] = {"title": f.label, "description": f.help, "default": f.default}
-        if f.kind == "bool":
-            prop["type"] = "boolean"
-        elif f.kind in ("float", "int"):
-            prop["type"] = "number" if f.kind == "float" else "integer"
-            prop["minimum"], prop["maximum"] = f.minimum, f.maximum
-        elif f.kind == "choice":
+        prop: dict[str, Any] = {"title": f.label, "description": f.help, "default": f.default,
+                                **scalar_schema(f.kind, f.minimum, f.maximum)}
+        if f.kind == "choice":
             prop["type"] = ["string", "integer"]
             prop["enum"] = [*f.choices, *range(len(f.choices))]
         elif f.kind == "image":
             prop["type"] = ["string", "null"]
             prop["contentEncoding"] = "base64"
-        else:
-            prop["type"] = "string"
         props[f.name] = prop
     return {"type": "object", "properties": props, "required": ["model"], "additionalProperties": False}
 
