@@ -1,4 +1,4 @@
-"""Delta Sampling for the AUTOMATIC1111 webui: the AlwaysOn script. Wiring only; the work is in lib_delta."""
+"""Delta Sampling for the AUTOMATIC1111 webui and Forge: the AlwaysOn script. Wiring only; the work is in lib_delta."""
 
 from modules import scripts
 
@@ -14,7 +14,7 @@ class DeltaSamplingScript(scripts.Script):
         return "Delta Sampling"
 
     def show(self, is_img2img):
-        return scripts.AlwaysVisible
+        return scripts.AlwaysVisible if hooks.host().supported else False
 
     def ui(self, is_img2img):
         components, paste_fields = ui.build(self.elem_id)
@@ -24,6 +24,9 @@ class DeltaSamplingScript(scripts.Script):
 
     def process(self, p, *args):
         hooks.begin_job(p, args)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):  # Forge only
+        hooks.before_sampling(p)
 
     def postprocess(self, p, processed, *args):
         hooks.end_job(p)

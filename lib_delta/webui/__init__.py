@@ -13,6 +13,15 @@ def install() -> None:
     from . import hooks, routes, settings, xyz
     from .source_models import CACHE
 
+    current = hooks.host()
+    if not current.supported:
+        print(f"Delta Sampling: not loaded: {current.why}")
+        return
+    if current.forge:
+        from ..forge.source_models import load_checkpoint
+
+        CACHE.loader = load_checkpoint
+
     hooks.register_callbacks()
     settings.register()
     script_callbacks.on_app_started(lambda _demo, app: routes.register(app), name="delta_sampling")

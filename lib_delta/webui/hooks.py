@@ -16,6 +16,8 @@ UI shows it, and no image claims DS it did not get.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,6 +168,27 @@ def _control_image(p: Any, unit: Any, index: int) -> Any:
     if image is None:
         raise ParamError(where, f"image: unit {index + 1} ({unit.model}) has no control image; txt2img needs one")
     return decode_image(image, where)
+
+
+@functools.cache
+def host() -> Any:
+    """This process's webui (:func:`lib_delta.forge.detect`): a constant, looked up once."""
+    from ..forge import detect
+
+    return detect()
+
+
+def before_sampling(p: Any) -> None:
+    """Forge only (its ``process_before_every_sampling``, after ``forge_objects`` was reset for this sampling): tell
+    the memory manager about the source engines, so it loads them with the target instead of evicting one for the
+    other at every step."""
+    job = getattr(p, JOB_ATTR, None)
+    if job is None or job.pair is None or not host().forge:
+        return
+    unet = p.sd_model.forge_objects.unet.clone()
+    for loaded in {id(c): c for c in (job.pair.base, job.pair.adapted)}.values():
+        unet.add_extra_model_patcher_during_sampling(loaded.model.forge_objects.unet)
+    p.sd_model.forge_objects.unet = unet
 
 
 def _refuse_global_unet_patches() -> None:
@@ -320,7 +343,8 @@ def _pass_state(job: DeltaJob, denoiser: Any) -> PassState:
         if conds is None:
             conds = job.cond_cache[prompts] = encode_legs(job.pair, prompts)
         state.conds = conds
-        state.eps_space = isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps)
+        # Forge's denoiser hands its callbacks x0 for every sampler (it converts to eps after them)
+        state.eps_space = not host().forge and isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps)
         state.wrapper = "lcm" if isinstance(denoiser, sd_samplers_lcm.CFGDenoiserLCM) else "k"
         if state.eps_space:
             state.schedule = DiscreteSchedule(p.sd_model.alphas_cumprod.detach().double().cpu())
@@ -328,15 +352,29 @@ def _pass_state(job: DeltaJob, denoiser: Any) -> PassState:
     return state
 
 
+def _target_cond_scale(denoiser: Any) -> float:
+    """The CFG scale the target uses at this call (Forge: the hires CFG scale in the hires pass)."""
+    p = denoiser.p
+    if host().forge and getattr(p, "is_hr_pass", False):
+        return float(p.hr_cfg)
+    return denoiser.sampler.sampler_extra_args["cond_scale"] * getattr(denoiser, "cond_scale_miltiplier", 1.0)
+
+
 def _target_skips_uncond(denoiser: Any, sigma0: float) -> bool:
-    """The webui's own decision (``CFGDenoiser.forward``), evaluated for the same call."""
+    """The webui's own decision (``CFGDenoiser.forward``), evaluated for the same call. Forge sets the CFG scale to 1
+    where A1111 drops the uncond rows, and then skips them at any CFG scale 1 (its "CFG 1 optimisation")."""
     from modules import shared
 
     opts = shared.opts
     if opts.skip_early_cond != 0.0 and denoiser.step / denoiser.total_steps <= opts.skip_early_cond:
         return True
     s_min_uncond = denoiser.sampler.sampler_extra_args.get("s_min_uncond", 0) or 0
-    return bool((denoiser.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0 and sigma0 < s_min_uncond)
+    if (denoiser.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0 and sigma0 < s_min_uncond:
+        return True
+    if host().forge:
+        options = denoiser.p.sd_model.forge_objects.unet.model_options
+        return math.isclose(_target_cond_scale(denoiser), 1.0) and not options.get("disable_cfg1_optimization")
+    return False
 
 
 # --- callbacks -----------------------------------------------------------------------------------------------------
@@ -386,7 +424,10 @@ def on_cfg_denoiser(params: Any) -> None:
         if scale == 0:
             return
         uncond = params.text_uncond
-        batch = (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0]
+        if host().forge or uncond is None:
+            batch = params.x.shape[0]  # Forge batches cond and uncond itself, later: x holds the images only
+        else:  # A1111's x is cond rows + uncond rows, the last B being the images' own x
+            batch = (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0]
         _pending.call = _Call(job, state, denoiser, params.x[-batch:], params.sigma[-batch:], scale)
     except Exception as exc:
         job.fail(exc)
@@ -434,8 +475,7 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
     else:
         request = LegRequest(
             step=denoiser.step,
-            cond_scale=params.source_cfg_scale or (denoiser.sampler.sampler_extra_args["cond_scale"]
-                                                   * denoiser.cond_scale_miltiplier),
+            cond_scale=params.source_cfg_scale or _target_cond_scale(denoiser),
             skip_uncond=_target_skips_uncond(denoiser, float(call.sigma[0])),
             cond_only=params.cond_only,
             batch_legs=params.batch_legs,

@@ -223,6 +223,8 @@ class LoadedCheckpoint:
     lora_cache: dict[tuple, LoraNetwork] = field(default_factory=dict)
     runtime_lora: RuntimeLora | None = None  # hooks currently installed on this model (at most one set)
     offload: bool = False  # --lowvram/--medvram: wait on the CPU, visit the GPU for each forward
+    supports_loras = True  # class attributes: the Forge checkpoint cannot take LoRA files and ControlNets yet
+    supports_controlnet = True
     _lcm_denoiser: torch.nn.Module | None = None
 
     @contextlib.contextmanager
@@ -300,6 +302,12 @@ class LoadedCheckpoint:
         if self.runtime_lora is not None:
             self.runtime_lora.remove()
             self.runtime_lora = None
+
+    def free(self) -> None:
+        """Free the weights even while something still references this object (a finished job, a traceback): they
+        move to the meta device, shared tensors included."""
+        self.release()
+        self.denoiser.to(device="meta")  # the denoiser holds the model as a submodule
 
     def release(self) -> None:
         """Forget this model: hooks off, parsed LoRAs dropped. Tensors it shares with another model stay alive."""
@@ -388,14 +396,15 @@ def low_vram_mode(family: str | None = None) -> bool:
     from modules import shared
 
     opts = shared.cmd_opts
-    return bool(opts.lowvram or opts.medvram or (getattr(opts, "medvram_sdxl", False) and family == "sdxl"))
+    return bool(getattr(opts, "lowvram", False) or getattr(opts, "medvram", False)
+                or (getattr(opts, "medvram_sdxl", False) and family == "sdxl"))
 
 
 def target_dtype() -> torch.dtype:
     """The dtype source weights are stored in: the webui's UNet dtype unless the setting asks for float32."""
     from modules import devices, shared
 
-    if getattr(shared.opts, "delta_sampling_dtype", "auto") == "float32" or shared.cmd_opts.no_half:
+    if getattr(shared.opts, "delta_sampling_dtype", "auto") == "float32" or getattr(shared.cmd_opts, "no_half", False):
         return torch.float32
     return devices.dtype_unet
 
@@ -634,6 +643,7 @@ class SourceCache:
 
     def __init__(self) -> None:
         self._models: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
+        self.loader = load_checkpoint  # the host's: Forge installs its own (lib_delta.forge.source_models)
         self._lock = threading.RLock()
         self.last_event = "nothing loaded yet"
         self.last_generation: dict[str, Any] = {}  # counters of the last finished DS generation (status readout)
@@ -654,7 +664,7 @@ class SourceCache:
             fresh = loaded is None
             if fresh:
                 self._evict(keep=pinned, room_for=1)
-                loaded = load_checkpoint(info, devices.cpu if low_vram_mode() else device, dtype)
+                loaded = self.loader(info, devices.cpu if low_vram_mode() else device, dtype)
                 self._models[key] = loaded
             self._models.move_to_end(key)
             # Deliberate policy under --lowvram/--medvram: the pair waits on the CPU and each leg visits the GPU
@@ -698,12 +708,16 @@ class SourceCache:
                 adapted, fresh = self.checkpoint(adapted_info, device, dtype, pinned)
                 if fresh:
                     loaded_now.append(adapted.title)
-                    share_identical_tensors(base.model, adapted.model)
+                    if isinstance(adapted.model, torch.nn.Module):  # a Forge engine is not one module
+                        share_identical_tensors(base.model, adapted.model)
                 if adapted.latent_format != base.latent_format or adapted.family != base.family:
                     raise SourceModelError(
                         f"adapted: {adapted.info.name} is an {adapted.family} checkpoint but the source base "
                         f"{base.info.name} is {base.family}; the adapted leg must be the same family as the base"
                     )
+            if params.loras and not adapted.supports_loras:
+                raise SourceModelError("loras: LoRA/LyCORIS files on the source pair are not supported on Forge yet; "
+                                       "use an adapted checkpoint (e.g. one with the LoRA merged in)")
             networks = [(load_lora(adapted, spec), spec.weight) for spec in params.loras]
             # A generation that ended without cleaning up (an error elsewhere in the webui) may have left hooks.
             base.drop_runtime_lora()
@@ -715,6 +729,9 @@ class SourceCache:
                 except LoraError as exc:
                     raise SourceModelError(f"loras: {exc}") from exc
                 adapted.runtime_lora = runtime
+            if params.controlnet and not adapted.supports_controlnet:
+                raise SourceModelError("controlnet: ControlNet units on the adapted leg are not supported on Forge "
+                                       "yet")
             controls = []
             for unit in params.controlnet:
                 name, filename = resolve_controlnet(unit.model)
@@ -750,7 +767,7 @@ class SourceCache:
                 loaded.release()
                 # Everything goes, shared tensors included: move the weights to the meta device so that their memory
                 # returns even while some object (a finished job, a traceback) still references a model.
-                loaded.denoiser.to(device="meta")
+                loaded.free()
             self._models.clear()
             self.last_event = f"unloaded {count} source model(s)" if count else self.last_event
         gc.collect()
@@ -766,8 +783,8 @@ class SourceCache:
                 models.append({
                     "title": loaded.title,
                     "family": loaded.family,
-                    "device": str(next(loaded.model.parameters()).device),
-                    "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+                    "device": str(loaded.device),
+                    "dtype": str(next(loaded.unet.parameters()).dtype).replace("torch.", ""),
                     "bytes": loaded.nbytes(seen),
                     "load_seconds": round(loaded.load_seconds, 3),
                     "loras_parsed": [net.name for net in loaded.lora_cache.values()],

@@ -1,0 +1,50 @@
+"""Fixtures of the Forge tier (see README.md; the machinery is in forge_harness.py).
+
+Everything in tests/forge skips with one line when no Forge (or no A1111 webui to build its fixtures) is found.
+``forge`` -> ``webui_harness.WebUI``: one Forge process per test module with this project installed; on a failing test
+the last lines of its log are attached to the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forge_harness import HERE, MISSING, ensure_forge_models, h, start_forge
+
+_FORGE_KEY = pytest.StashKey[Any]()
+
+
+def pytest_collection_modifyitems(config, items):
+    if MISSING is None:
+        return
+    marker = pytest.mark.skip(reason=MISSING)
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(marker)
+
+
+@pytest.fixture(scope="module")  # heavy tiers run one at a time: Forge is gone before the A1111 tiers start
+def forge(request, tmp_path_factory) -> h.WebUI:
+    if MISSING:
+        pytest.skip(MISSING)
+    models = ensure_forge_models()
+    ui = start_forge(models, tmp_path_factory.mktemp("forge-data"))
+    request.config.stash[_FORGE_KEY] = ui
+    try:
+        yield ui
+    finally:
+        h.stop_process(ui.process)
+        request.config.stash[_FORGE_KEY] = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        ui = item.config.stash.get(_FORGE_KEY, None)
+        if ui is not None:
+            rep.sections.append((f"Forge log (last {h.LOG_TAIL_LINES} lines of {ui.log_path})", ui.log_tail()))

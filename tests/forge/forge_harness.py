@@ -1,0 +1,131 @@
+"""A real Forge (lllyasviel/stable-diffusion-webui-forge main, the ``backend/`` Forge) for the Forge tier.
+
+Forge from ``FORGE_DIR`` (default ``~/stable-diffusion-webui-forge``) with its python ``FORGE_PYTHON`` (default
+``$FORGE_DIR/venv/bin/python``), on CPU (``--always-cpu``), offline, one process per session with a temporary
+``--data-dir``; fixtures from ``fixtures/make_forge_models.py`` (built with the A1111 webui's ``ldm`` classes, so the
+A1111 webui of the webui tier must be there too), cached like the A1111 ones. The HTTP client side (``WebUI``,
+image helpers) is the webui tier's.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "webui"))
+
+import webui_harness as h  # noqa: E402
+
+FORGE_DIR = Path(os.path.expanduser(os.environ.get("FORGE_DIR", "~/stable-diffusion-webui-forge")))
+FORGE_PYTHON = Path(os.path.expanduser(os.environ.get("FORGE_PYTHON", str(FORGE_DIR / "venv" / "bin" / "python"))))
+FORGE_CACHE = h.CACHE_ROOT.parent / "forge-fixtures"
+GENERATOR = HERE / "fixtures" / "make_forge_models.py"
+
+CONFIG = {
+    "live_previews_enable": False,  # else the first SDXL generation downloads the SDXL preview VAE
+    "show_progress_every_n_steps": -1,
+    "samples_save": False,
+    "grid_save": False,
+    "auto_launch_browser": "Disable",
+    "randn_source": "CPU",
+    "s_min_uncond": 0.0,
+    "skip_early_cond": 0.0,
+}
+
+
+def forge_missing_reason() -> str | None:
+    if not (FORGE_DIR / "launch.py").is_file() or not (FORGE_DIR / "backend" / "loader.py").is_file():
+        return f"no Forge (backend/ Forge) at FORGE_DIR={FORGE_DIR}"
+    if not FORGE_PYTHON.exists():
+        return f"Forge python not found: FORGE_PYTHON={FORGE_PYTHON}"
+    reason = h.webui_missing_reason()
+    if reason:
+        return f"the Forge fixtures are built with the A1111 webui's ldm classes: {reason}"
+    return None
+
+
+MISSING = forge_missing_reason()
+
+
+def ensure_forge_models() -> h.TinyModels:
+    digest = hashlib.sha256(GENERATOR.read_bytes() + h.GENERATOR.read_bytes()).hexdigest()[:16]
+    root = FORGE_CACHE / digest
+    FORGE_CACHE.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    generated = False
+    with open(FORGE_CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "manifest.json").is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            with open(root / "generate.log", "w") as log:
+                subprocess.run([str(h.WEBUI_PYTHON), str(GENERATOR), "--webui-dir", str(h.WEBUI_DIR), "--out",
+                                str(root)], check=True, cwd=h.WEBUI_DIR, env=h.webui_subprocess_env(), stdout=log,
+                               stderr=subprocess.STDOUT, timeout=1200)
+            generated = True
+    manifest = json.loads((root / "manifest.json").read_text())
+    ckpt_dir = root / "Stable-diffusion"
+    checkpoints = {c["name"]: h.Checkpoint(
+        name=c["name"], family=c["family"], file=c["file"], path=ckpt_dir / c["file"], yaml_path=ckpt_dir / "none",
+        title=c["title"], sha256=c["sha256"], shorthash=c["shorthash"], parameterization="eps", inpainting=False,
+        bytes=c["bytes"], params=c["params"], vae_seed=0) for c in manifest["checkpoints"]}
+    return h.TinyModels(root=root, ckpt_dir=ckpt_dir, lora_dir=root / "Lora", open_clip_configs=root,
+                        manifest=manifest, checkpoints=checkpoints, loras={}, generated=generated,
+                        seconds=time.monotonic() - t0)
+
+
+def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | None = None) -> h.WebUI:
+    import requests
+
+    sd_dir = data_dir / "models" / "Stable-diffusion"
+    sd_dir.mkdir(parents=True, exist_ok=True)
+    for c in models.checkpoints.values():
+        (sd_dir / c.file).symlink_to(c.path)
+    (data_dir / "extensions").mkdir(exist_ok=True)
+    (data_dir / "extensions" / h.EXTENSION_NAME).symlink_to(h.PROJECT_ROOT, target_is_directory=True)
+    hashes = {f"checkpoint/{c.file}": {"mtime": os.path.getmtime(c.path), "sha256": c.sha256}
+              for c in models.checkpoints.values()}
+    (data_dir / "cache.json").write_text(json.dumps({"hashes": hashes}))
+    (data_dir / "config.json").write_text(json.dumps(CONFIG, indent=1))
+    port = h.free_port()
+    cmd = [str(FORGE_PYTHON), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
+           "--skip-version-check", "--skip-python-version-check", "--always-cpu", "--api", "--server-name",
+           "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), "--ckpt-dir", str(sd_dir),
+           "--disable-console-progressbars", *(extra_args or [])]
+    log_path = data_dir / "forge.log"
+    t0 = time.monotonic()
+    with open(log_path, "wb") as logf:
+        logf.write(("$ " + " ".join(cmd) + "\n").encode())
+        logf.flush()
+        proc = subprocess.Popen(cmd, cwd=FORGE_DIR, env=h.webui_subprocess_env(), stdout=logf,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    session = requests.Session()
+    session.trust_env = False
+    default = next(iter(models.checkpoints.values()))
+    ui = h.WebUI(url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, log_path=log_path, session=session,
+                 models=models, process=proc, default_checkpoint=default.title,
+                 extension_dir=data_dir / "extensions" / h.EXTENSION_NAME)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Forge exited with code {proc.returncode} during startup\n{ui.log_tail()}")
+            if "Startup time:" in ui.log_text():  # no request before it (see webui_harness.start_webui)
+                try:
+                    if session.get(ui.api("/sdapi/v1/sd-models"), timeout=5).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+            if time.monotonic() - t0 > h.STARTUP_TIMEOUT:
+                raise RuntimeError(f"Forge not ready after {h.STARTUP_TIMEOUT:.0f}s\n{ui.log_tail()}")
+            time.sleep(0.5)
+    except BaseException:
+        h.stop_process(proc)
+        raise
+    ui.startup_seconds = time.monotonic() - t0
+    return ui

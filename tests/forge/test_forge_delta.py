@@ -1,0 +1,151 @@
+"""Delta Sampling in a real Forge (main, the backend/ Forge), over HTTP: the identities and the equivalence with the
+adapted checkpoint that the A1111 tier proves, with Forge's own loader, samplers, CFG and memory manager.
+
+With the target checkpoint A as the source base and B as the adapted leg, lambda 1 gives D_A + (D_B - D_A) = D_B at
+every step, so the image must be B's own. Fixtures: the smallest SD1.5 shapes Forge loads (forge_harness).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_delta_sampling import assert_same_image, ds, infotext, png_b64
+from webui_harness import image_array, image_from_b64, mean_abs_diff
+
+pytestmark = pytest.mark.forge
+
+PROMPT = "a (red:1.3) apple on a [wooden:marble:0.5] table, soft light"
+NEGATIVE = "ugly, (dark:1.2)"
+
+
+def titles(forge) -> tuple[str, str]:
+    return forge.models.title("forge-sd15-a"), forge.models.title("forge-sd15-b")
+
+
+def same_bytes(a: str, b: str) -> bool:
+    return image_array(a).tobytes() == image_array(b).tobytes()
+
+
+def test_identities_are_byte_identical_to_ds_off_and_leave_nothing_behind(forge):
+    a, b = titles(forge)
+    off = forge.txt2img(forge.payload("forge-sd15-a", PROMPT))["images"][0]
+    zero = forge.txt2img(forge.payload("forge-sd15-a", PROMPT, alwayson_scripts=ds(scale=0, source=a, adapted=b)))
+    same = forge.txt2img(forge.payload("forge-sd15-a", PROMPT, alwayson_scripts=ds(scale=2.0, source=b, adapted=b)))
+    assert same_bytes(zero["images"][0], off) and same_bytes(same["images"][0], off)
+    assert "Delta scale: 0" in infotext(zero) and "Delta scale: 2.0" in infotext(same)
+    one = forge.txt2img(forge.payload("forge-sd15-a", PROMPT, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+    assert mean_abs_diff(one["images"][0], off) > 5
+    # a plain generation after a DS one is the one before it, bit for bit (forge_objects are reset per sampling)
+    assert same_bytes(forge.txt2img(forge.payload("forge-sd15-a", PROMPT))["images"][0], off)
+
+
+@pytest.mark.parametrize("cfg", [5.0, 1.0])
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "Euler a", "DDIM"])
+def test_lambda_one_with_target_as_base_reproduces_the_adapted_checkpoint(forge, sampler, cfg):
+    a, b = titles(forge)
+    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name=sampler, steps=5, cfg_scale=cfg)
+    alone = forge.txt2img(forge.payload("forge-sd15-b", **common))["images"][0]
+    target = forge.txt2img(forge.payload("forge-sd15-a", **common))["images"][0]
+    res = forge.txt2img(forge.payload("forge-sd15-a", **common, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+    assert mean_abs_diff(target, alone) > 5, "fixtures too similar to tell anything apart"
+    assert_same_image(res["images"][0], alone, f"{sampler} CFG {cfg}")
+    # every denoiser call of the target ran the legs (at CFG 1 without their uncond rows, as Forge's own)
+    gen = forge.get("/delta-sampling/v1/status").json()["last_generation"]
+    assert gen["source_calls"] == gen["target_calls"] >= 4, gen
+
+
+def test_batches_with_prompts_per_image_hires_and_img2img(forge):
+    a, b = titles(forge)
+    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, batch_size=2, steps=4,
+                  styles=[], seed=77)
+    alone = forge.txt2img(forge.payload("forge-sd15-b", **common))["images"]
+    res = forge.txt2img(forge.payload("forge-sd15-a", **common, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+    assert len(res["images"]) == 2
+    for i, (got, want) in enumerate(zip(res["images"], alone, strict=True)):
+        assert_same_image(got, want, f"batch image {i}")
+
+    hires = dict(prompt=PROMPT, steps=4, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6,
+                 hr_second_pass_steps=3, hr_cfg=3.0,
+                 hr_additional_modules=["Use same choices"])  # Forge's API fails on hires without it (None)
+    alone = forge.txt2img(forge.payload("forge-sd15-b", **hires))["images"][0]
+    res = forge.txt2img(forge.payload("forge-sd15-a", **hires, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+    assert image_from_b64(res["images"][0]).size == (96, 96)
+    assert_same_image(res["images"][0], alone, "hires (Forge's own hires CFG scale)")
+    assert forge.get("/delta-sampling/v1/status").json()["last_generation"]["passes"] == 2
+
+    init = forge.txt2img(forge.payload("forge-sd15-a", "a house"))["images"][0]
+    i2i = dict(prompt=PROMPT, steps=6, init_images=[init], denoising_strength=0.6)
+    forge.img2img(forge.payload("forge-sd15-b", **i2i))  # warm-up: a first img2img differs (see the A1111 tier)
+    alone = forge.img2img(forge.payload("forge-sd15-b", **i2i))["images"][0]
+    res = forge.img2img(forge.payload("forge-sd15-a", **i2i, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+    assert_same_image(res["images"][0], alone, "img2img")
+
+
+def test_inpainting_changes_only_the_masked_area(forge):
+    from PIL import Image
+
+    a, b = titles(forge)
+    init = image_from_b64(forge.txt2img(forge.payload("forge-sd15-a", "a house"))["images"][0])
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    common = dict(prompt=PROMPT, steps=6, init_images=[png_b64(init)], mask=png_b64(mask), denoising_strength=0.9,
+                  inpainting_fill=1, inpaint_full_res=False, mask_blur=0, inpainting_mask_invert=0)
+    off = image_array(forge.img2img(forge.payload("forge-sd15-a", **common))["images"][0]).astype(int)
+    res = forge.img2img(forge.payload("forge-sd15-a", **common, alwayson_scripts=ds(scale=2.0, source=a, adapted=b)))
+    got = image_array(res["images"][0]).astype(int)
+    outside = got.copy()
+    outside[16:48, 16:48] = off[16:48, 16:48]
+    assert abs(outside - off).max() <= 1, "DS changed pixels outside the mask"
+    assert abs(got[20:44, 20:44] - off[20:44, 20:44]).mean() > 1, "DS did nothing inside the mask"
+
+
+def test_xyz_infotext_round_trip_and_routes(forge):
+    a, b = titles(forge)
+    info = forge.get("/sdapi/v1/script-info").json()
+    names = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])["args"][0]["choices"]
+    script_args = [names.index("Delta scale"), "0, 1", [], 0, "", [], 0, "", [], True, True, False, False, False,
+                   False, False, 0, False]
+    res = forge.txt2img(forge.payload("forge-sd15-a", PROMPT, script_name="x/y/z plot", script_args=script_args,
+                                      alwayson_scripts=ds(scale=0.5, source=a, adapted=b)))
+    images, texts = res["images"][1:], json.loads(res["info"])["infotexts"][1:]
+    assert len(images) == 2 and "Delta scale: 0.0," in texts[0] and "Delta scale: 1.0," in texts[1]
+    one = forge.txt2img(forge.payload("forge-sd15-a", PROMPT, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+    assert same_bytes(images[1], one["images"][0])
+    # The infotext, parsed by Forge's own parser (png-info), gives back the settings that made the image. (Forge's
+    # "infotext" request field fails on its own list-typed fields: not usable here.)
+    from lib_delta import DeltaParams
+
+    parsed = forge.post("/sdapi/v1/png-info", json={"image": one["images"][0]}).json()["parameters"]
+    params = DeltaParams.from_infotext(parsed)
+    assert (params.scale, params.source, params.adapted) == (1.0, a, b)
+    again = forge.txt2img(forge.payload("forge-sd15-a", PROMPT, alwayson_scripts={
+        "delta sampling": {"args": [params.as_dict()]}}))
+    assert same_bytes(again["images"][0], one["images"][0])
+    status = forge.get("/delta-sampling/v1/status").json()
+    assert {m["title"] for m in status["models"]} == {a, b}
+    assert forge.post("/delta-sampling/v1/unload").json()["unloaded"] == 2
+    assert forge.get("/delta-sampling/v1/status").json()["models"] == []
+
+
+def test_failures_are_http_errors_naming_the_problem_and_the_next_request_works(forge):
+    a, b = titles(forge)
+    cases = [
+        (ds(scale=1.0, source="no-such-model", adapted=b), "no checkpoint named 'no-such-model'"),
+        (ds(scale="big", source=a, adapted=b), "scale: expected a number"),
+        (ds(scale=1.0, source=a, loras=[{"name": "x"}]), "not supported on Forge yet"),
+        (ds(scale=1.0, source=a, controlnet=[{"model": "x", "image": png_b64(image_from_b64(
+            forge.txt2img(forge.payload("forge-sd15-a", "x", steps=1))["images"][0]))}]),
+         "not supported on Forge yet"),
+    ]
+    for scripts, message in cases:
+        offset = forge.log_offset()
+        r = forge.post("/sdapi/v1/txt2img", json=forge.payload("forge-sd15-a", PROMPT, alwayson_scripts=scripts))
+        assert 400 <= r.status_code < 500, (message, r.status_code, r.text[:500])
+        body = r.json()
+        assert message in (body.get("errors") or body.get("detail") or ""), r.text[:500]
+        assert "Traceback" not in forge.log_since(offset), message
+        ok = forge.txt2img(forge.payload("forge-sd15-a", PROMPT, alwayson_scripts=ds(scale=1.0, source=a,
+                                                                                     adapted=b)))
+        assert "Delta scale: 1.0" in infotext(ok)
