@@ -72,7 +72,8 @@ def ensure_forge_models() -> h.TinyModels:
     manifest = json.loads((root / "manifest.json").read_text())
     ckpt_dir = root / "Stable-diffusion"
     checkpoints = {c["name"]: h.Checkpoint(
-        name=c["name"], family=c["family"], file=c["file"], path=ckpt_dir / c["file"], yaml_path=ckpt_dir / "none",
+        name=c["name"], family=c["family"], file=c["file"], path=ckpt_dir / c["file"],
+        yaml_path=ckpt_dir / (c["name"] + ".yaml"),
         title=c["title"], sha256=c["sha256"], shorthash=c["shorthash"], parameterization="eps", inpainting=False,
         bytes=c["bytes"], params=c["params"], vae_seed=0) for c in manifest["checkpoints"]}
     return h.TinyModels(root=root, ckpt_dir=ckpt_dir, lora_dir=root / "Lora", open_clip_configs=root,
@@ -87,6 +88,8 @@ def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | No
     sd_dir.mkdir(parents=True, exist_ok=True)
     for c in models.checkpoints.values():
         (sd_dir / c.file).symlink_to(c.path)
+        if c.yaml_path.is_file():  # SD2-v: Forge reads v-prediction from the same-name yaml
+            (sd_dir / c.yaml_path.name).symlink_to(c.yaml_path)
     (data_dir / "extensions").mkdir(exist_ok=True)
     (data_dir / "extensions" / h.EXTENSION_NAME).symlink_to(h.PROJECT_ROOT, target_is_directory=True)
     hashes = {f"checkpoint/{c.file}": {"mtime": os.path.getmtime(c.path), "sha256": c.sha256}

@@ -56,6 +56,33 @@ def test_lambda_one_with_target_as_base_reproduces_the_adapted_checkpoint(forge,
     assert gen["source_calls"] == gen["target_calls"] >= 4, gen
 
 
+@pytest.mark.parametrize("family", ["sd2v", "sdxl"])
+def test_identity_and_equivalence_other_families(forge, family):
+    a_name, b_name = f"forge-{family}-a", f"forge-{family}-b"
+    a, b = forge.models.title(a_name), forge.models.title(b_name)
+    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=4)
+    off = forge.txt2img(forge.payload(a_name, **common))["images"][0]
+    alone = forge.txt2img(forge.payload(b_name, **common))["images"][0]
+    zero = forge.txt2img(forge.payload(a_name, **common, alwayson_scripts=ds(scale=0, source=a, adapted=b)))
+    one = forge.txt2img(forge.payload(a_name, **common, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+    assert same_bytes(zero["images"][0], off)
+    assert mean_abs_diff(off, alone) > 5
+    assert_same_image(one["images"][0], alone, family)
+    status = {m["title"]: m for m in forge.get("/delta-sampling/v1/status").json()["models"]}
+    assert status[a]["family"] == ("sd2" if family == "sd2v" else "sdxl")
+
+
+def test_sd1_pair_steers_an_sdxl_target(forge):
+    a, b = titles(forge)
+    off = forge.txt2img(forge.payload("forge-sdxl-a", PROMPT, steps=4))["images"][0]
+    res = forge.txt2img(forge.payload("forge-sdxl-a", PROMPT, steps=4,
+                                      alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+    pixels = image_array(res["images"][0]).astype(float)
+    assert pixels.std() > 1.0
+    assert mean_abs_diff(res["images"][0], off) > 1.0
+    assert f"Delta source: {a}" in infotext(res)
+
+
 def test_batches_with_prompts_per_image_hires_and_img2img(forge):
     a, b = titles(forge)
     common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, batch_size=2, steps=4,
