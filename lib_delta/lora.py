@@ -68,6 +68,18 @@ _WEIGHT_DEPENDENT = frozenset({"ia3", "glora", "oft"})
 # Where a module type puts its bias delta (``ex_bias``; scaled by the multiplier only).
 _BIAS_PART = {"full": "diff_b", "norm": "b_norm"}
 _NORMS = (nn.GroupNorm, nn.LayerNorm)
+_LINEAR_TYPES: list[type] = [nn.Linear]
+
+
+def register_linear_type(cls: type) -> None:
+    """Treat ``cls`` as a Linear layer (weight (out, in), ``F.linear`` semantics): a host whose layers are not
+    ``nn.Linear`` subclasses (Forge's ``ForgeOperations.Linear``) registers its class once at start-up."""
+    if cls not in _LINEAR_TYPES:
+        _LINEAR_TYPES.append(cls)
+
+
+def _linear_or_conv() -> tuple[type, ...]:
+    return (*_LINEAR_TYPES, nn.Conv2d)
 
 
 def _detect_kind(parts: Mapping[str, Tensor]) -> str | None:
@@ -327,7 +339,7 @@ class ModuleDelta:
             if module.weight is None:
                 raise self._bad(f"{type(module).__name__} {self.path} has no learnable weight to change")
             return module.weight
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(module, _linear_or_conv()):
             raise self._bad(
                 f"module {self.path} is a {type(module).__name__}; the webui applies networks to Linear, Conv2d, "
                 "GroupNorm, LayerNorm and MultiheadAttention q/k/v slices only"
@@ -544,7 +556,7 @@ class ModuleDelta:
             self.kind == "lora"
             and self.dora_scale is None
             and self.bias_part is None
-            and isinstance(module, (nn.Linear, nn.Conv2d))
+            and isinstance(module, _linear_or_conv())
         ):
             return self._lora_forward(module, x, multiplier)
         ckey = ("dense", x.device, x.dtype, multiplier)
@@ -967,7 +979,7 @@ class RuntimeLora:
         self._caches: list[dict] = []
         targets = _targets(model, networks, root)
         for rel, (module, _) in targets.items():
-            if not isinstance(module, (nn.Linear, nn.Conv2d, *_NORMS)):
+            if not isinstance(module, (*_linear_or_conv(), *_NORMS)):
                 raise LoraError(
                     f"runtime LoRA supports Linear, Conv2d, GroupNorm and LayerNorm modules only; "
                     f"{root + '.' if root else ''}{rel} is a {type(module).__name__} (merge text encoders instead)"

@@ -2,9 +2,10 @@
 source, denoising through the engine's own ``KModel.apply_model`` (x0 at a k-diffusion sigma, as Forge's sampler
 calls it for the target). The webui layer's cache, pair and legs use them like the A1111 ones.
 
-Not on Forge yet: LoRA/LyCORIS files and ControlNet units on the adapted leg (both need Forge's module layout), and
-the memory manager's GPU weights budget for the source engines (they are loaded with Forge's ``load_models_gpu`` before
-each use, like the target). Each is refused with a message that says so.
+LoRA/LyCORIS files on an SD1 source work as in A1111 (the runtime LoRA of :mod:`lib_delta.lora` on one engine): Forge's
+UNet keeps the ldm module names and its CLIP-L is the same HF model, so a view with A1111's module paths is all the key
+mapping needs. Not on Forge yet, and refused with a message saying so: LoRAs on SD2/SDXL sources (Forge's OpenCLIP
+encoders are HF models, not OpenCLIP's) and ControlNet units on the adapted leg.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class ForgeDenoiser:
 class ForgeCheckpoint(LoadedCheckpoint):
     """A source checkpoint as a Forge engine: Forge's memory manager places it, so there is nothing to move here."""
 
-    supports_loras = False
+    supports_loras = False  # set per instance: SD1 sources take LoRA files
     supports_controlnet = False
 
     def free(self) -> None:
@@ -111,8 +112,31 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Forg
     for objects in (engine.forge_objects, engine.forge_objects_original, engine.forge_objects_after_applying_lora):
         objects.vae = None  # DS never decodes with a source model
     engine.sd_checkpoint_info = info
-    return ForgeCheckpoint(
+    checkpoint = ForgeCheckpoint(
         info=info, model=engine, denoiser=ForgeDenoiser(engine), family=family,
         latent_format=latent_format_of(engine), load_seconds=time.perf_counter() - started,
-        text_encoder_root="", lora_view=torch.nn.Module(),
+        text_encoder_root="cond_stage_model", lora_view=_lora_view(engine, family),
     )
+    checkpoint.supports_loras = family == "sd1"
+    return checkpoint
+
+
+def _lora_view(engine: Any, family: str) -> torch.nn.Module:
+    """The engine's UNet and (SD1) CLIP-L under the module paths A1111's LoRA key names map to
+    (``model.diffusion_model...``, ``cond_stage_model.transformer.text_model...``)."""
+    view = torch.nn.Module()
+    view.model = torch.nn.Module()
+    view.model.diffusion_model = engine.forge_objects.unet.model.diffusion_model
+    if family == "sd1":
+        view.cond_stage_model = engine.forge_objects.clip.cond_stage_model.clip_l  # .transformer: HF CLIP-L
+    return view
+
+
+def install(cache: Any) -> None:
+    """Make the webui layer's cache load Forge engines, and its LoRA code accept Forge's Linear layers."""
+    from backend.operations import ForgeOperations
+
+    from ..lora import register_linear_type
+
+    cache.loader = load_checkpoint
+    register_linear_type(ForgeOperations.Linear)

@@ -18,9 +18,9 @@ def install() -> None:
         print(f"Delta Sampling: not loaded: {current.why}")
         return
     if current.forge:
-        from ..forge.source_models import load_checkpoint
+        from ..forge.source_models import install as install_forge
 
-        CACHE.loader = load_checkpoint
+        install_forge(CACHE)
 
     hooks.register_callbacks()
     settings.register()

@@ -322,7 +322,12 @@ def read_checked_state_dict(filename: str, what: str) -> dict:
 
     try:
         if os.path.splitext(filename)[1].lower() == ".safetensors":
-            return sd_models.read_state_dict(filename, map_location="cpu")
+            loaded = sd_models.read_state_dict(filename, map_location="cpu")
+            if loaded is None:  # Forge's read_state_dict is a stub (its loader reads checkpoints itself)
+                import safetensors.torch
+
+                loaded = safetensors.torch.load_file(filename, device="cpu")
+            return loaded
         # The webui replaces torch.load with its safe unpickler, which returns None (after printing why) for a pickle
         # that holds anything but plain tensor data.
         loaded = torch.load(filename, map_location="cpu")
@@ -716,8 +721,9 @@ class SourceCache:
                         f"{base.info.name} is {base.family}; the adapted leg must be the same family as the base"
                     )
             if params.loras and not adapted.supports_loras:
-                raise SourceModelError("loras: LoRA/LyCORIS files on the source pair are not supported on Forge yet; "
-                                       "use an adapted checkpoint (e.g. one with the LoRA merged in)")
+                raise SourceModelError(f"loras: LoRA/LyCORIS files on an {adapted.family} source are not supported on "
+                                       "Forge yet (SD1 sources are); use an adapted checkpoint (e.g. one with the "
+                                       "LoRA merged in)")
             networks = [(load_lora(adapted, spec), spec.weight) for spec in params.loras]
             # A generation that ended without cleaning up (an error elsewhere in the webui) may have left hooks.
             base.drop_runtime_lora()

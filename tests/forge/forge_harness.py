@@ -76,8 +76,11 @@ def ensure_forge_models() -> h.TinyModels:
         yaml_path=ckpt_dir / (c["name"] + ".yaml"),
         title=c["title"], sha256=c["sha256"], shorthash=c["shorthash"], parameterization="eps", inpainting=False,
         bytes=c["bytes"], params=c["params"], vae_seed=0) for c in manifest["checkpoints"]}
+    loras = {lo["name"]: h.Lora(name=lo["name"], family=lo["family"], kind=lo["kind"], file=lo["file"],
+                                path=root / "Lora" / lo["file"], expect_match=True, module_keys=(), bytes=lo["bytes"])
+             for lo in manifest.get("loras", [])}
     return h.TinyModels(root=root, ckpt_dir=ckpt_dir, lora_dir=root / "Lora", open_clip_configs=root,
-                        manifest=manifest, checkpoints=checkpoints, loras={}, generated=generated,
+                        manifest=manifest, checkpoints=checkpoints, loras=loras, generated=generated,
                         seconds=time.monotonic() - t0)
 
 
@@ -90,6 +93,10 @@ def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | No
         (sd_dir / c.file).symlink_to(c.path)
         if c.yaml_path.is_file():  # SD2-v: Forge reads v-prediction from the same-name yaml
             (sd_dir / c.yaml_path.name).symlink_to(c.yaml_path)
+    lora_dir = data_dir / "models" / "Lora"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    for lo in models.loras.values():
+        (lora_dir / lo.file).symlink_to(lo.path)
     (data_dir / "extensions").mkdir(exist_ok=True)
     (data_dir / "extensions" / h.EXTENSION_NAME).symlink_to(h.PROJECT_ROOT, target_is_directory=True)
     hashes = {f"checkpoint/{c.file}": {"mtime": os.path.getmtime(c.path), "sha256": c.sha256}
