@@ -1,4 +1,5 @@
-"""Everything that touches the AUTOMATIC1111 webui's ``modules``. Imported only inside the webui.
+"""Everything that touches the webui's ``modules``: the AUTOMATIC1111 webui's, and Forge's, which keeps that API
+(what Forge does differently is in :mod:`lib_delta.forge`). Imported only inside a webui.
 
 ``install`` wires it all up; ``scripts/delta_sampling.py`` only calls it and defines the Script class.
 """

@@ -11,6 +11,11 @@ The webui catches every exception in script hooks and callbacks and returns imag
 therefore stops sampling at once (``InterruptedException``, which the sampler treats as an interrupt) and is re-raised
 by a wrapper around ``p.sample``, outside every ``except``: the API answers with an HTTP error naming the problem, the
 UI shows it, and no image claims DS it did not get.
+
+Forge keeps this callback API, with three differences mirrored here (:func:`host`): its ``x`` holds the images' rows
+only (it batches cond and uncond later itself), its callbacks see x0 for every sampler, and it skips the uncond rows at
+CFG scale 1 and uses the hires CFG scale in the hires pass. :func:`before_sampling` registers the source engines with
+its memory manager for each sampling.
 """
 
 from __future__ import annotations
