@@ -257,18 +257,28 @@ def unit_from_infotext(text: str, where: str = "controlnet") -> ControlUnit:
 # --- residual scales -----------------------------------------------------------------------------------------------
 
 
-def soft_injection_table(count: int) -> list[float]:
+def soft_injection_table(count: int, middle: float | None = None) -> list[float]:
     """0.825^(12 - i) for i < 13, cut to ``count`` entries: an SDXL ControlNet (10 residuals) gets the first 10 of the
-    SD1 table, middle residual 0.825^3, as sd-webui-controlnet and Forge do."""
+    SD1 table, middle residual 0.825^3, as sd-webui-controlnet and Forge do. ``middle`` replaces the last entry: Forge
+    fixes it by family (1 for SD1/SD2, 0.825^3 for SDXL), which is the same for the real families' residual counts
+    (13 and 10) and differs only for other counts."""
     length = max(13, count)
-    return [SOFT_INJECTION_BASE ** (length - 1 - i) for i in range(length)][:count]
+    table = [SOFT_INJECTION_BASE ** (length - 1 - i) for i in range(length)][:count]
+    if middle is not None and table:
+        table[-1] = middle
+    return table
 
 
-def residual_scales(unit: ControlUnit, count: int) -> list[float]:
+def forge_soft_middle(family: str) -> float:
+    """Forge's middle-residual factor in the soft modes (its ControlNet script: 0.561515625 for SDXL, else 1)."""
+    return SOFT_INJECTION_BASE ** 3 if family == "sdxl" else 1.0
+
+
+def residual_scales(unit: ControlUnit, count: int, *, soft_middle: float | None = None) -> list[float]:
     """The factor of each of a unit's ``count`` residuals (input blocks first, the middle one last)."""
     if unit.control_mode == CONTROL_MODES[0]:
         return [unit.weight] * count
-    return [unit.weight * s for s in soft_injection_table(count)]
+    return [unit.weight * s for s in soft_injection_table(count, soft_middle)]
 
 
 # --- control maps --------------------------------------------------------------------------------------------------
@@ -389,8 +399,10 @@ class ControlStack:
     """The adapted leg's units for one generation: each with its network and decoded image. Hints are made once per
     pixel size (a hires pass or a pooled source grid asks for another) and kept until the generation ends."""
 
-    def __init__(self, entries: Sequence[tuple[ControlUnit, Any, np.ndarray]]) -> None:
+    def __init__(self, entries: Sequence[tuple[ControlUnit, Any, np.ndarray]], *,
+                 soft_middle: float | None = None) -> None:
         self.entries = list(entries)
+        self.soft_middle = soft_middle  # the host's middle factor in the soft modes (Forge's), or the table's
         self._hints: dict[tuple[int, int, int], torch.Tensor] = {}
         self.calls = 0  # ControlNet forwards run (each unit, each batched call)
 
@@ -417,6 +429,7 @@ class ControlStack:
             if not unit.active_at(step, total_steps):
                 continue
             count = len(net.zero_convs) + 1
-            out.append(ActiveControl(net, self.hint(index, width, height), residual_scales(unit, count),
+            out.append(ActiveControl(net, self.hint(index, width, height),
+                                     residual_scales(unit, count, soft_middle=self.soft_middle),
                                      unit.cond_rows_only))
         return out

@@ -122,6 +122,9 @@ def controlnet_residuals(
 ) -> list[Tensor]:
     """The residuals for one batch: ``hint`` is (B, C, 8H, 8W) in [0, 1] for ``x`` of (B, 4, H, W)."""
     unet_module = _module_of(net.unet_module)
+    # Forge's blocks take a transformer_options dict and write into it: give each call a fresh one (its default
+    # argument is one shared dict); ldm's and sgm's blocks take no such argument.
+    extra = (lambda: {"transformer_options": {}}) if takes_control(unet_module) else dict
     emb = net.time_embed(unet_module.timestep_embedding(timesteps, net.model_channels, repeat_only=False))
     if net.has_label_emb:
         if y is None:
@@ -131,13 +134,19 @@ def controlnet_residuals(
     h = x
     out = []
     for index, (block, zero_conv) in enumerate(zip(net.input_blocks, net.zero_convs, strict=True)):
-        h = block(h, emb, context)
+        h = block(h, emb, context, **extra())
         if index == 0:
             h = h + guided  # the hint enters once, right after the input convolution
         out.append(zero_conv(h, emb, context))
-    h = net.middle_block(h, emb, context)
+    h = net.middle_block(h, emb, context, **extra())
     out.append(net.middle_block_out(h, emb, context))
     return out
+
+
+def takes_control(unet_module: Any) -> bool:
+    """Whether the UNet class's module is Forge's (its forward takes ``control=`` and applies it with
+    ``apply_control``), as opposed to ldm's or sgm's, whose forward :func:`forward_with_control` re-states."""
+    return hasattr(unet_module, "apply_control")
 
 
 def forward_with_control(
@@ -193,13 +202,17 @@ def controlled_forward(
     unet: nn.Module, controls: Sequence[ActiveControl], rows: Tensor, cond_rows: Tensor,
     on_call: Callable[[], None] | None = None,
 ) -> Callable[..., Tensor]:
-    """A stand-in for ``unet.forward`` (same signature as ldm's and sgm's) that adds the units' summed residuals to
-    batch ``rows`` (indices) only; a "cond rows only" unit runs on ``cond_rows`` alone. Other rows get the UNet's
-    own forward, operation for operation. ``on_call`` is told of every ControlNet call (counted for the status)."""
+    """A stand-in for ``unet.forward`` (same signature as ldm's, sgm's and Forge's) that adds the units' summed
+    residuals to batch ``rows`` (indices) only; a "cond rows only" unit runs on ``cond_rows`` alone. Other rows get the
+    UNet's own forward, operation for operation: ldm/sgm through :func:`forward_with_control`, Forge through its own
+    forward's ``control=`` (zero residuals on the other rows, which leave them bit for bit as they are). ``on_call``
+    is told of every ControlNet call (counted for the status)."""
+    native = takes_control(_module_of(type(unet).__module__))
+    own_forward = type(unet).forward.__get__(unet)
 
     def forward(x: Tensor, timesteps: Tensor | None = None, context: Tensor | None = None, y: Tensor | None = None,
                 **kwargs: Any) -> Tensor:
-        if kwargs:
+        if kwargs and not native:
             raise ControlNetFileError(f"the source UNet was called with {sorted(kwargs)}, which ControlNet does not "
                                       "handle")
         total: list[Tensor] | None = None
@@ -222,6 +235,12 @@ def controlled_forward(
                 total = [torch.zeros((x.shape[0], *r.shape[1:]), dtype=r.dtype, device=r.device) for r in residuals]
             for buffer, residual, scale in zip(total, residuals, control.scales, strict=True):
                 buffer.index_add_(0, picked, residual * scale)
+        if native:
+            if total is not None:
+                if kwargs.get("control") is not None:
+                    raise ControlNetFileError("the source UNet already carries a ControlNet of the host's own")
+                kwargs["control"] = {"input": [], "middle": [total[-1]], "output": list(total[:-1])}
+            return own_forward(x, timesteps, context=context, y=y, **kwargs)
         if total is None:
             return forward_with_control(unet, x, timesteps, context, y)
         return forward_with_control(unet, x, timesteps, context, y, residuals=[r[rows] for r in total], rows=rows)

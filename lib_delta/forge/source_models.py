@@ -4,8 +4,9 @@ calls it for the target). The webui layer's cache, pair and legs use them like t
 
 LoRA/LyCORIS files on an SD1 source work as in A1111 (the runtime LoRA of :mod:`lib_delta.lora` on one engine): Forge's
 UNet keeps the ldm module names and its CLIP-L is the same HF model, so a view with A1111's module paths is all the key
-mapping needs. Not on Forge yet, and refused with a message saying so: LoRAs on SD2/SDXL sources (Forge's OpenCLIP
-encoders are HF models, not OpenCLIP's) and ControlNet units on the adapted leg.
+mapping needs. ControlNet units work too: the network is built from Forge's own UNet class and configuration, and its
+residuals go in through that UNet's ``control=`` argument. Not on Forge yet, and refused with a message saying so: LoRAs
+on SD2/SDXL sources (Forge's OpenCLIP encoders are HF models, not OpenCLIP's).
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ class ForgeCheckpoint(LoadedCheckpoint):
     """A source checkpoint as a Forge engine: Forge's memory manager places it, so there is nothing to move here."""
 
     supports_loras = False  # set per instance: SD1 sources take LoRA files
-    supports_controlnet = False
 
     def free(self) -> None:
         """Take the engine out of Forge's memory manager (which would keep it alive) and drop its weights."""
@@ -70,6 +70,10 @@ class ForgeCheckpoint(LoadedCheckpoint):
     @property
     def unet(self) -> torch.nn.Module:
         return self.model.forge_objects.unet.model.diffusion_model
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.model.forge_objects.unet.model.computation_dtype  # storage may be fp8; compute never is
 
     def move(self, device: torch.device) -> None:
         pass  # Forge's memory manager owns placement
@@ -112,13 +116,24 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Forg
     for objects in (engine.forge_objects, engine.forge_objects_original, engine.forge_objects_after_applying_lora):
         objects.vae = None  # DS never decodes with a source model
     engine.sd_checkpoint_info = info
+    unet = engine.forge_objects.unet.model.diffusion_model
     checkpoint = ForgeCheckpoint(
         info=info, model=engine, denoiser=ForgeDenoiser(engine), family=family,
         latent_format=latent_format_of(engine), load_seconds=time.perf_counter() - started,
         text_encoder_root="cond_stage_model", lora_view=_lora_view(engine, family),
+        unet_kwargs=_constructor_kwargs(unet),
     )
     checkpoint.supports_loras = family == "sd1"
     return checkpoint
+
+
+def _constructor_kwargs(unet: torch.nn.Module) -> dict[str, Any]:
+    """The arguments Forge built its UNet with (its diffusers-style ``config``, minus what the constructor does not
+    take): a ControlNet for it is built from the same class with the same arguments."""
+    import inspect
+
+    accepted = inspect.signature(type(unet).__init__).parameters
+    return {k: v for k, v in dict(unet.config).items() if k in accepted and k != "self"}
 
 
 def _lora_view(engine: Any, family: str) -> torch.nn.Module:

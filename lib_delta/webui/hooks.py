@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from fastapi.exceptions import HTTPException
 
-from ..control_units import ControlStack, decode_image
+from ..control_units import ControlStack, decode_image, forge_soft_middle
 from ..delta import source_delta
 from ..errors import DeltaSamplingError, ParamError
 from ..latent import LatentFormat, LatentMap
@@ -156,8 +156,10 @@ def begin_job(p: Any, args: tuple) -> None:
             pair.release()  # adapted == base: the delta is exactly 0, the legs need not run
             return
         if pair.controls:
+            # Forge's own ControlNet fixes the soft modes' middle factor by family; DS on Forge does as it does
+            middle = forge_soft_middle(pair.adapted.family) if host().forge else None
             job.controls = ControlStack([(unit, net, _control_image(p, unit, i))
-                                         for i, (unit, net, _) in enumerate(pair.controls)])
+                                         for i, (unit, net, _) in enumerate(pair.controls)], soft_middle=middle)
         job.pair = pair
         job.schedule = params.lambda_schedule()
     except Exception as exc:  # surfaced by the p.sample wrapper, see the module docstring

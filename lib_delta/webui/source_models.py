@@ -253,6 +253,11 @@ class LoadedCheckpoint:
     def unet(self) -> torch.nn.Module:
         return self.model.model.diffusion_model
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the UNet computes in (ControlNets are built in it)."""
+        return next(self.unet.parameters()).dtype
+
     def controlnet(self, name: str, filename: str) -> ControlNet:
         """The ControlNet in ``filename`` built for this checkpoint's UNet (cached; at most
         :data:`CONTROLNETS_PER_CHECKPOINT` per checkpoint, least recently used freed first)."""
@@ -264,8 +269,7 @@ class LoadedCheckpoint:
                 cn = read_controlnet(state_dict, name)
                 if cn.kind == "control_lora":
                     cn = expand_control_lora(cn, self.unet.state_dict())
-                dtype = next(self.unet.parameters()).dtype
-                net = build_controlnet(self.unet, self.unet_kwargs, cn, device=self.device, dtype=dtype,
+                net = build_controlnet(self.unet, self.unet_kwargs, cn, device=self.device, dtype=self.compute_dtype,
                                        source=self.info.name, source_family=self.family)
             except ControlNetFileError as exc:
                 raise SourceModelError(f"{exc} ({filename})") from exc

@@ -97,6 +97,10 @@ def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | No
     lora_dir.mkdir(parents=True, exist_ok=True)
     for lo in models.loras.values():
         (lora_dir / lo.file).symlink_to(lo.path)
+    cn_dir = data_dir / "models" / "ControlNet"
+    cn_dir.mkdir(parents=True, exist_ok=True)
+    for path in (models.root / "ControlNet").glob("*.safetensors"):
+        (cn_dir / path.name).symlink_to(path)
     (data_dir / "extensions").mkdir(exist_ok=True)
     (data_dir / "extensions" / h.EXTENSION_NAME).symlink_to(h.PROJECT_ROOT, target_is_directory=True)
     hashes = {f"checkpoint/{c.file}": {"mtime": os.path.getmtime(c.path), "sha256": c.sha256}

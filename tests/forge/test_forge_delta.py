@@ -165,7 +165,7 @@ def test_failures_are_http_errors_naming_the_problem_and_the_next_request_works(
          "sdxl source are not supported on Forge yet"),
         (ds(scale=1.0, source=a, controlnet=[{"model": "x", "image": png_b64(image_from_b64(
             forge.txt2img(forge.payload("forge-sd15-a", "x", steps=1))["images"][0]))}]),
-         "not supported on Forge yet"),
+         "no ControlNet named 'x'"),
     ]
     for scripts, message in cases:
         offset = forge.log_offset()
@@ -199,3 +199,46 @@ def test_lora_pair_equals_forges_own_lora(forge, kind):
     assert any(lo["name"] == name and lo["not_applied_keys"] == 0 for lo in loaded["loras"]), loaded["loras"]
     # a plain generation afterwards is the one before (neither DS's hooks nor Forge's patches stay behind)
     assert same_bytes(forge.txt2img(forge.payload("forge-sd15-a", PROMPT, **common))["images"][0], plain)
+
+
+@pytest.mark.parametrize("mode", ["Balanced", "My prompt is more important", "ControlNet is more important"])
+def test_controlnet_unit_equals_forges_own_controlnet(forge, mode):
+    """DS(A, A, A + unit, lambda 1) against Forge's built-in ControlNet with the same file, image, weight, window
+    and mode on A."""
+    from test_delta_controlnet import control_image
+
+    a, _ = titles(forge)
+    unit = {"image": control_image(), "weight": 0.8, "guidance_start": 0.0, "guidance_end": 0.75,
+            "control_mode": mode, "resize_mode": "Just Resize", "pixel_perfect": False, "processor_res": 64}
+    payload = forge.payload("forge-sd15-a", PROMPT, steps=5)
+    plain = forge.txt2img(payload)["images"][0]
+    names = forge.get("/controlnet/model_list").json()["model_list"]
+    theirs = forge.txt2img({**payload, "alwayson_scripts": {"controlnet": {"args": [
+        {**unit, "enabled": True, "module": "None", "model": next(n for n in names if "control_forge_sd15" in n)}]}}})
+    assert len(theirs["images"]) == 2, "Forge's ControlNet did not run (no detected map returned)"
+    ours = forge.txt2img({**payload, "alwayson_scripts": ds(scale=1.0, source=a, controlnet=[
+        {**unit, "model": "control_forge_sd15"}])})
+    effect = mean_abs_diff(theirs["images"][0], plain)
+    mean = mean_abs_diff(ours["images"][0], theirs["images"][0])
+    peak = int(abs(image_array(ours["images"][0]).astype(int) - image_array(theirs["images"][0]).astype(int)).max())
+    print(f"{mode}: effect {effect:.2f}; DS vs Forge's ControlNet mean {mean:.4f}, max {peak}")
+    assert effect > 2
+    assert_same_image(ours["images"][0], theirs["images"][0], f"{mode} against Forge's ControlNet")
+    gen = forge.get("/delta-sampling/v1/status").json()["last_generation"]
+    assert gen["controlnet_calls"] == 4, gen  # steps 0..3 of 5 are inside [0, 0.75]
+    assert gen["skipped_calls"] == 1, gen  # step 4: no unit active, the legs do not run
+
+
+def test_sd15_controlnet_steers_an_sdxl_target_on_forge(forge):
+    from test_delta_controlnet import control_image
+
+    a, _ = titles(forge)
+    off = forge.txt2img(forge.payload("forge-sdxl-a", PROMPT, steps=4))["images"][0]
+    res = forge.txt2img(forge.payload("forge-sdxl-a", PROMPT, steps=4, alwayson_scripts=ds(
+        scale=2.0, source=a, controlnet=[{"model": "control_forge_sd15", "image": control_image()}])))
+    assert image_array(res["images"][0]).astype(float).std() > 1.0
+    assert mean_abs_diff(res["images"][0], off) > 1.0
+    assert "Delta ControlNet 1: " in infotext(res) and "Model: control_forge_sd15 [" in infotext(res)
+    idle = forge.txt2img(forge.payload("forge-sdxl-a", PROMPT, steps=4, alwayson_scripts=ds(
+        scale=2.0, source=a, controlnet=[{"model": "control_forge_sd15", "image": control_image(), "weight": 0}])))
+    assert same_bytes(idle["images"][0], off)  # a unit at weight 0 is no adapted leg at all

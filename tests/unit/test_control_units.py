@@ -25,6 +25,7 @@ from lib_delta.control_units import (
     ControlUnit,
     decode_image,
     fit,
+    forge_soft_middle,
     parse_unit,
     parse_units,
     pixel_perfect_resolution,
@@ -142,6 +143,12 @@ def test_soft_injection_table_and_the_sdxl_rule():
     prompt = residual_scales(ControlUnit("cn", weight=0.5, control_mode="My prompt is more important"), 13)
     assert prompt == pytest.approx([0.5 * s for s in table])
     assert residual_scales(ControlUnit("cn", control_mode="ControlNet is more important"), 10) == table[:10]
+    # Forge fixes the middle factor by family: the same as the table for the real counts (13 / 10), not for others
+    assert soft_injection_table(13, forge_soft_middle("sd1")) == table
+    assert soft_injection_table(10, forge_soft_middle("sdxl")) == pytest.approx(table[:10])
+    assert soft_injection_table(5, forge_soft_middle("sd1")) == [*table[:4], 1.0]
+    assert residual_scales(ControlUnit("cn", weight=0.5, control_mode="My prompt is more important"), 5,
+                           soft_middle=1.0)[-1] == 0.5
 
 
 def test_window_is_a_step_fraction_inclusive_at_both_ends_and_weight_zero_is_off():
