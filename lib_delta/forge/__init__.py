@@ -2,9 +2,9 @@
 
 Forge keeps the A1111 module API the webui layer uses (scripts, CFG denoiser callbacks, prompt parser, processing,
 API, XYZ), so :mod:`lib_delta.webui` serves both hosts; this package holds what Forge does differently: source
-checkpoints are Forge engines built by Forge's own loader (:mod:`.source_models`), and :data:`HOST` tells the webui
-layer which rules of the denoiser to mirror (Forge skips the uncond at CFG scale 1 and uses the hires CFG scale in
-the hires pass; its callbacks always see x0).
+checkpoints are Forge engines built by Forge's own loader (:mod:`.source_models`), and :func:`detect` tells the webui
+layer (``hooks.host()``) which rules of the denoiser to mirror (Forge skips the uncond at CFG scale 1 and uses the
+hires CFG scale in the hires pass; its callbacks always see x0).
 """
 
 from __future__ import annotations
