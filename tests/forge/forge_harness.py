@@ -84,7 +84,8 @@ def ensure_forge_models() -> h.TinyModels:
                         seconds=time.monotonic() - t0)
 
 
-def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | None = None) -> h.WebUI:
+def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | None = None, *,
+                extension: bool = True) -> h.WebUI:
     import requests
 
     sd_dir = data_dir / "models" / "Stable-diffusion"
@@ -102,7 +103,8 @@ def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | No
     for path in (models.root / "ControlNet").glob("*.safetensors"):
         (cn_dir / path.name).symlink_to(path)
     (data_dir / "extensions").mkdir(exist_ok=True)
-    (data_dir / "extensions" / h.EXTENSION_NAME).symlink_to(h.PROJECT_ROOT, target_is_directory=True)
+    if extension:  # False: the same Forge without this project (the bench's "absent" process)
+        (data_dir / "extensions" / h.EXTENSION_NAME).symlink_to(h.PROJECT_ROOT, target_is_directory=True)
     hashes = {f"checkpoint/{c.file}": {"mtime": os.path.getmtime(c.path), "sha256": c.sha256}
               for c in models.checkpoints.values()}
     (data_dir / "cache.json").write_text(json.dumps({"hashes": hashes}))

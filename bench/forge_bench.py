@@ -1,0 +1,113 @@
+"""Delta Sampling on Forge: the bench's ratios measured in a real Forge (CPU), printed and written into RESULTS.md.
+
+    python -m bench.forge_bench [--rounds N]
+
+Two Forge processes from the Forge tier's harness (tests/forge): one with this extension (**installed**), one without
+(**absent**), the SD1.5 Forge fixtures (UNet 44 M parameters), 64x64, Euler, 8 steps, CFG 5. Whole-request wall
+times, medians over rounds in which the configurations run back to back (absent and installed-off alternate, order
+flipped each round). Memory: ``/delta-sampling/v1/status`` bytes (shared tensors once) and the process RSS growth
+after a generation with one source model, a LoRA pair and a checkpoint pair. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "forge"))
+
+import forge_harness as fh  # noqa: E402
+
+MARK_BEGIN, MARK_END = "<!-- forge:begin -->", "<!-- forge:end -->"
+
+
+def _wall(ui, payload: dict) -> float:
+    t0 = time.perf_counter()
+    r = ui.post("/sdapi/v1/txt2img", json=payload)
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--markdown", default=str(HERE / "RESULTS.md"))
+    args = ap.parse_args()
+    if fh.MISSING:
+        print(f"skipped: {fh.MISSING}")
+        return
+    models = fh.ensure_forge_models()
+    work = Path(tempfile.mkdtemp(prefix="delta-forge-bench-"))
+    installed = fh.start_forge(models, work / "installed")
+    absent = fh.start_forge(models, work / "absent", extension=False)
+    try:
+        a, b = models.title("forge-sd15-a"), models.title("forge-sd15-b")
+        base = installed.payload("forge-sd15-a", "a red apple on a table", steps=8)
+
+        def ds(**over) -> dict:
+            return {**base, "alwayson_scripts": {"delta sampling": {"args": [{"enabled": True, "scale": 1.0,
+                                                                             "source": a, **over}]}}}
+
+        configs = {"off": base, "checkpoint pair": ds(adapted=b),
+                   "LoRA pair": ds(loras=[{"name": "forge-sd15-lora", "weight": 0.8}])}
+        memory = {}
+        rss0 = installed.get("/delta-sampling/v1/status").json()["process_rss_bytes"]
+        for label, payload in (("one source model", ds(adapted=a)), ("LoRA pair", configs["LoRA pair"]),
+                               ("checkpoint pair", configs["checkpoint pair"])):
+            installed.post("/delta-sampling/v1/unload")
+            _wall(installed, payload)
+            status = installed.get("/delta-sampling/v1/status").json()
+            memory[label] = {"bytes": status["total_bytes"], "rss_growth": status["process_rss_bytes"] - rss0}
+        for ui in (installed, absent):
+            _wall(ui, base)  # warm-up
+        for payload in configs.values():
+            _wall(installed, payload)
+        times: dict[str, list[float]] = {"absent": [], **{k: [] for k in configs}}
+        for i in range(args.rounds):
+            pair = [("absent", absent), ("off", installed)]
+            for name, ui in (pair if i % 2 == 0 else pair[::-1]):
+                times[name].append(_wall(ui, base))
+            for name in ("checkpoint pair", "LoRA pair"):
+                times[name].append(_wall(installed, configs[name]))
+    finally:
+        fh.h.stop_process(installed.process)
+        fh.h.stop_process(absent.process)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    one = memory["checkpoint pair"]["bytes"] / 2  # one engine after its legs ran (text encoder loaded too)
+    lora_file = (models.root / "Lora" / "forge-sd15-lora.safetensors").stat().st_size
+    rows = [
+        "| ratio | value |", "| --- | --- |",
+        f"| DS installed + disabled / extension absent (whole request) | {med['off'] / med['absent']:.3f} |",
+        f"| DS checkpoint pair / DS off | {med['checkpoint pair'] / med['off']:.2f} |",
+        f"| DS LoRA pair / DS off | {med['LoRA pair'] / med['off']:.2f} |",
+        f"| LoRA pair memory / one engine (half the checkpoint pair; status bytes) | "
+        f"{memory['LoRA pair']['bytes'] / one:.3f} (+ the LoRA's own tensors, a {lora_file / 2**20:.1f} MB file) |",
+        f"| checkpoint pair memory / one engine | {memory['checkpoint pair']['bytes'] / one:.3f} |",
+        f"| a source whose legs never ran (adapted = base) / one engine | "
+        f"{memory['one source model']['bytes'] / one:.3f} (Forge had not loaded its text encoder) |",
+    ]
+    text = "\n".join(rows)
+    print(text)
+    print(json.dumps({"median_s": med, "memory": memory}))
+    section = (f"{MARK_BEGIN}\n### Forge (`python -m bench.forge_bench`)\n\nForge main (dfdcbab) on this 2-core CPU, "
+               f"SD1.5 Forge fixtures (UNet 44 M parameters), 64x64, Euler, 8 steps; medians of {args.rounds} rounds "
+               "of whole-request wall times. Memory: status bytes after one generation of each kind (a fresh load "
+               "each).\n\n"
+               f"{text}\n\nRaw: `{json.dumps({'median_s': med, 'memory': memory})}`\n{MARK_END}\n")
+    path = Path(args.markdown)
+    old = path.read_text() if path.exists() else ""
+    if MARK_BEGIN in old:
+        old = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END) + "\n?", "", old, flags=re.S)
+    path.write_text(old.rstrip("\n") + "\n\n" + section)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
