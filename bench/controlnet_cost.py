@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from .sections import replace_section
 from .webui_bench import _launch, _wait_ready, ensure_mid_models, h, snapshot_tiny
 
 HERE = Path(__file__).resolve().parent
-MARK_BEGIN, MARK_END = "<!-- controlnet-cost:begin -->", "<!-- controlnet-cost:end -->"
 
 
 def _image(size: int) -> str:
@@ -122,20 +121,15 @@ def main() -> None:
         h.stop_process(ui.process)
     text = table(results)
     print(text)
-    section = (f"{MARK_BEGIN}\n### ControlNet on the adapted leg (`python -m bench.controlnet_cost`)\n\n"
+    section = (f"### ControlNet on the adapted leg (`python -m bench.controlnet_cost`)\n\n"
                "Ratios from one run (medians of "
                f"{args.repeats}), 2-core CPU, fp32, 1 torch thread. \"Legs' forward\": the source UNet's batched "
                "forward of base cond, base uncond, adapted cond and adapted uncond rows; the unit adds its ControlNet "
                "on the two adapted rows (on one with \"ControlNet is more important\"). \"Fast path\": that batch "
                "against the base rows and the adapted rows in two forwards. Generations: time inside `p.sample`, "
                "DS with target = source base and adapted = base + the unit, lambda 1, Euler, CFG 5.\n\n"
-               f"{text}\n\nRaw: `{json.dumps(results)}`\n{MARK_END}\n")
-    path = Path(args.markdown)
-    old = path.read_text() if path.exists() else ""
-    if MARK_BEGIN in old:
-        old = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END) + "\n?", "", old, flags=re.S)
-    path.write_text(old.rstrip("\n") + "\n\n" + section)
-    print(f"wrote {path}")
+               f"{text}\n\nRaw: `{json.dumps(results)}`\n")
+    replace_section(Path(args.markdown), "controlnet-cost", section)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -24,8 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "forge"))
 
 import forge_harness as fh  # noqa: E402
-
-MARK_BEGIN, MARK_END = "<!-- forge:begin -->", "<!-- forge:end -->"
+from .sections import replace_section  # noqa: E402
 
 
 def _wall(ui, payload: dict) -> float:
@@ -96,17 +94,12 @@ def main() -> None:
     text = "\n".join(rows)
     print(text)
     print(json.dumps({"median_s": med, "memory": memory}))
-    section = (f"{MARK_BEGIN}\n### Forge (`python -m bench.forge_bench`)\n\nForge main (dfdcbab) on this 2-core CPU, "
+    section = (f"### Forge (`python -m bench.forge_bench`)\n\nForge main (dfdcbab) on this 2-core CPU, "
                f"SD1.5 Forge fixtures (UNet 44 M parameters), 64x64, Euler, 8 steps; medians of {args.rounds} rounds "
                "of whole-request wall times. Memory: status bytes after one generation of each kind (a fresh load "
                "each).\n\n"
-               f"{text}\n\nRaw: `{json.dumps({'median_s': med, 'memory': memory})}`\n{MARK_END}\n")
-    path = Path(args.markdown)
-    old = path.read_text() if path.exists() else ""
-    if MARK_BEGIN in old:
-        old = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END) + "\n?", "", old, flags=re.S)
-    path.write_text(old.rstrip("\n") + "\n\n" + section)
-    print(f"wrote {path}")
+               f"{text}\n\nRaw: `{json.dumps({'median_s': med, 'memory': memory})}`\n")
+    replace_section(Path(args.markdown), "forge", section)
 
 
 if __name__ == "__main__":
