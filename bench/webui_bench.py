@@ -139,22 +139,7 @@ def _launch(models: h.TinyModels, data_dir: Path, *, extension: bool, device: st
 
 
 def _wait_ready(ui: h.WebUI, t0: float) -> None:
-    import requests
-
-    while True:
-        if ui.process.poll() is not None:
-            raise RuntimeError(f"webui exited with code {ui.process.returncode} during startup\n{ui.log_tail()}")
-        # no request before the webui says it started (see webui_harness.start_webui: an early request kills it)
-        if "Startup time:" in ui.log_text():
-            try:
-                if ui.session.get(ui.api("/sdapi/v1/sd-models"), timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-        if time.monotonic() - t0 > h.STARTUP_TIMEOUT * 2:
-            raise RuntimeError(f"webui not ready\n{ui.log_tail()}")
-        time.sleep(0.5)
-    ui.startup_seconds = time.monotonic() - t0
+    h.wait_until_ready(ui, t0, h.STARTUP_TIMEOUT * 2)
 
 
 @contextlib.contextmanager

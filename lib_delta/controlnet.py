@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .controlnet_files import ControlNetFile, ControlNetFileError, check_against_unet
+from .controlnet_files import ENCODER_ROOTS, ControlNetFile, ControlNetFileError, check_against_unet, read_controlnet
 
 # The hint encoder every ControlNet implementation hard-codes: 8 convolutions, SiLU between, x8 down to latent size.
 HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)
@@ -254,8 +254,7 @@ def expand_control_lora(cn: ControlNetFile, unet_state: Mapping[str, Tensor]) ->
     them, as ComfyUI's and Forge's ``ControlLora`` do. Returns an ordinary ``kind == "controlnet"`` file."""
     if cn.kind != "control_lora":
         return cn
-    tensors = {k: v for k, v in unet_state.items() if k.startswith(("time_embed.", "label_emb.", "input_blocks.",
-                                                                    "middle_block."))}
+    tensors = {k: v for k, v in unet_state.items() if k.startswith(ENCODER_ROOTS)}
     file_tensors = {k: v for k, v in cn.tensors.items() if k != "lora_controlnet"}
     for key, value in file_tensors.items():
         if key.endswith(".up") or key.endswith(".down"):
@@ -274,8 +273,6 @@ def expand_control_lora(cn: ControlNetFile, unet_state: Mapping[str, Tensor]) ->
             raise ControlNetFileError(f"controlnet: {cn.name} does not fit the source: {stem} up @ down is "
                                       f"{tuple(product.shape)}, the source weight {tuple(base.shape)}")
         tensors[stem + ".weight"] = (base.float() + product.reshape(base.shape)).to(base.dtype)
-    from .controlnet_files import read_controlnet
-
     whole = read_controlnet(tensors, cn.name)
     whole.layout = "control-lora"
     return whole

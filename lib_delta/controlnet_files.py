@@ -38,7 +38,7 @@ class ControlNetFileError(DeltaSamplingError, ValueError):
 
 CONTEXT_DIM_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TRAINING_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "model_ema.")
-_ENCODER_ROOTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
+ENCODER_ROOTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
 _CONTROL_ROOTS = ("input_hint_block.", "zero_convs.", "middle_block_out.")
 
 # (test on the key set, what the file is): checked before anything is renamed
@@ -80,7 +80,7 @@ class ControlNetFile:
 
     def encoder_tensors(self) -> dict[str, Tensor]:
         """The tensors that must match the source UNet's own (time embedding, label embedding, encoder, middle)."""
-        return {k: v for k, v in self.tensors.items() if k.startswith(_ENCODER_ROOTS)}
+        return {k: v for k, v in self.tensors.items() if k.startswith(ENCODER_ROOTS)}
 
 
 def diffusers_to_ldm(key: str) -> str | None:
@@ -162,7 +162,7 @@ def read_controlnet(state_dict: Mapping[str, Tensor], name: str = "controlnet") 
             f"controlnet: {name} is not a ControlNet (no zero_convs, control_model.* or controlnet_cond_embedding.* "
             f"keys; first keys: {', '.join(keys[:3])})"
         )
-    unknown = [k for k in tensors if not k.startswith(_ENCODER_ROOTS + _CONTROL_ROOTS)]
+    unknown = [k for k in tensors if not k.startswith(ENCODER_ROOTS + _CONTROL_ROOTS)]
     if unknown:
         raise ControlNetFileError(f"controlnet: {name}: key {unknown[0]} is not part of a ControlNet")
     return _finish(name, layout, "controlnet", tensors, dropped)

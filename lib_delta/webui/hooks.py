@@ -469,8 +469,7 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
         x, sigma, target_x0 = call.x, call.sigma, denoised
 
     pair = job.pair
-    if (job.controls is not None and pair.adapted is pair.base and not pair.loras
-            and not job.controls.any_active(denoiser.step, denoiser.total_steps)):
+    if pair.only_controls_differ and not job.controls.any_active(denoiser.step, denoiser.total_steps):
         # Only the ControlNet units make the adapted leg differ, and none runs now: the delta is exactly 0.
         job.skipped_calls += 1
         return denoised

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -48,14 +49,21 @@ class SourceModelError(DeltaSamplingError):
 # --- resolving names -----------------------------------------------------------------------------------------------
 
 
+_NAME_WITH_HASH = re.compile(r"(.*?)\s*\[([0-9a-fA-F]{8,64})\]")
+
+
+def split_hash(name: str) -> tuple[str, str | None]:
+    """``"name [0123abcd]"`` -> ``("name", "0123abcd")``; a name without a bracketed hash -> ``(name, None)``."""
+    m = _NAME_WITH_HASH.fullmatch(name)
+    return (m.group(1), m.group(2).lower()) if m else (name, None)
+
+
 def resolve_checkpoint(name: str, what: str) -> Any:
     """The webui CheckpointInfo for ``name``, matched exactly (title, file name, name without extension, or hash).
 
     ``sd_models.get_closet_checkpoint_match`` falls back to substring matching, so a short name could silently pick
     some other checkpoint; here a name must match exactly, optionally followed by `` [hash]``.
     """
-    import re
-
     from modules import sd_models
 
     if not name:
@@ -63,10 +71,9 @@ def resolve_checkpoint(name: str, what: str) -> Any:
     info = sd_models.checkpoint_aliases.get(name)
     wanted_hash = None
     if info is None:
-        m = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]{8,64})\]", name)
-        if m:
-            info = sd_models.checkpoint_aliases.get(m.group(1))
-            wanted_hash = m.group(2).lower()
+        bare, wanted_hash = split_hash(name)
+        if wanted_hash:
+            info = sd_models.checkpoint_aliases.get(bare)
     if info is None:
         known = ", ".join(sorted(sd_models.checkpoint_tiles(use_short=False))[:20]) or "none"
         raise SourceModelError(
@@ -143,13 +150,8 @@ def controlnet_hash(name: str, filename: str) -> str:
 
 def resolve_controlnet(name: str) -> tuple[str, str]:
     """(name, file) for a ControlNet named exactly (``name``, ``name.ext`` or ``name [hash]``); lists folders anew."""
-    import re
-
     available = list_controlnets()
-    wanted_hash = None
-    m = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]{8,64})\]", name)
-    if m:
-        name, wanted_hash = m.group(1), m.group(2).lower()
+    name, wanted_hash = split_hash(name)
     stem = os.path.splitext(name)[0] if os.path.splitext(name)[1].lower() in CONTROLNET_SUFFIXES else name
     filename = available.get(stem)
     if filename is None:
@@ -620,6 +622,11 @@ class SourcePair:
     def changes_nothing(self) -> bool:
         """Adapted is the base itself with no LoRA and no ControlNet: the delta is exactly 0."""
         return self.adapted is self.base and not self.loras and not self.controls
+
+    @property
+    def only_controls_differ(self) -> bool:
+        """Adapted is the base itself plus ControlNet units only: where no unit runs, the delta is exactly 0."""
+        return self.adapted is self.base and not self.loras and bool(self.controls)
 
     @property
     def shares_weights(self) -> bool:

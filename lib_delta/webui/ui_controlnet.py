@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..control_units import UNIT_FIELDS, UnitField, decode_image, parse_unit, preprocess, unit_from_infotext
+from ..control_units import (
+    UNIT_FIELDS,
+    UNIT_FIELDS_BY_NAME,
+    UnitField,
+    decode_image,
+    parse_unit,
+    preprocess,
+    unit_from_infotext,
+)
 from ..errors import ParamError
 from ..params import SETTINGS_BY_NAME, UNIT_INFOTEXT_KEYS
 from .source_models import list_controlnets
@@ -100,11 +108,11 @@ def build(elem_id: Callable[[str], str]) -> tuple[list[Any], list[tuple[Any, Cal
                                         elem_id=elem_id(f"controlnet_{index}_map"))
                 with FormRow():
                     for name in ("enabled", "pixel_perfect"):
-                        by_name[name] = _component(_field(name), elem_id(f"controlnet_{index}_{name}"))
+                        by_name[name] = _component(UNIT_FIELDS_BY_NAME[name], elem_id(f"controlnet_{index}_{name}"))
                     preview_button = gr.Button("Preview map", elem_id=elem_id(f"controlnet_{index}_preview"))
                 with FormRow():
-                    by_name["module"] = _component(_field("module"), elem_id(f"controlnet_{index}_module"))
-                    by_name["model"] = _component(_field("model"), elem_id(f"controlnet_{index}_model"))
+                    by_name["module"] = _component(UNIT_FIELDS_BY_NAME["module"], elem_id(f"controlnet_{index}_module"))
+                    by_name["model"] = _component(UNIT_FIELDS_BY_NAME["model"], elem_id(f"controlnet_{index}_model"))
                     refresh = ToolButton(value="\U0001f504", elem_id=elem_id(f"controlnet_{index}_refresh"),
                                          tooltip="Refresh the ControlNet list")
                 for f in UNIT_FIELDS:
@@ -123,6 +131,3 @@ def build(elem_id: Callable[[str], str]) -> tuple[list[Any], list[tuple[Any, Cal
         refresh.click(lambda: gr.update(choices=controlnet_names()), inputs=[], outputs=[dropdown])
     return components, paste_fields, tooltips
 
-
-def _field(name: str) -> UnitField:
-    return next(f for f in UNIT_FIELDS if f.name == name)

@@ -128,20 +128,8 @@ def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | No
                  models=models, process=proc, default_checkpoint=default.title,
                  extension_dir=data_dir / "extensions" / h.EXTENSION_NAME)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"Forge exited with code {proc.returncode} during startup\n{ui.log_tail()}")
-            if "Startup time:" in ui.log_text():  # no request before it (see webui_harness.start_webui)
-                try:
-                    if session.get(ui.api("/sdapi/v1/sd-models"), timeout=5).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-            if time.monotonic() - t0 > h.STARTUP_TIMEOUT:
-                raise RuntimeError(f"Forge not ready after {h.STARTUP_TIMEOUT:.0f}s\n{ui.log_tail()}")
-            time.sleep(0.5)
+        h.wait_until_ready(ui, t0, h.STARTUP_TIMEOUT, "Forge")
     except BaseException:
         h.stop_process(proc)
         raise
-    ui.startup_seconds = time.monotonic() - t0
     return ui

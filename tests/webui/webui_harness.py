@@ -440,31 +440,37 @@ def start_webui(models: TinyModels, data_dir: Path, default_name: str = "tiny-sd
     session.auth = auth  # for a webui started with --api-auth (readiness polls an authenticated route)
     ui = WebUI(url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, log_path=log_path, session=session,
                models=models, process=proc, default_checkpoint=default.title, extension_dir=ext)
-    deadline = t0 + STARTUP_TIMEOUT
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"webui exited with code {proc.returncode} during startup\n{ui.log_tail()}")
-            # /sdapi/v1/* answers as soon as create_api() ran, but extension routes (on_app_started: the Lora
-            # extension's /sdapi/v1/refresh-loras, this project's, the support extension's) are added after it; the
-            # webui prints "Startup time:" once those callbacks are done. No request before that line: one that
-            # arrives between gradio's launch and create_api() builds the app's middleware stack, and the webui then
-            # dies adding its own ("Cannot add middleware after an application has started").
-            if "Startup time:" in ui.log_text():
-                try:
-                    r = session.get(ui.api("/sdapi/v1/sd-models"), timeout=5)
-                    if r.status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"webui not ready after {STARTUP_TIMEOUT:.0f}s\n{ui.log_tail()}")
-            time.sleep(0.5)
+        wait_until_ready(ui, t0, STARTUP_TIMEOUT)
     except BaseException:
         stop_process(proc)
         raise
-    ui.startup_seconds = time.monotonic() - t0
     return ui
+
+
+def wait_until_ready(ui: WebUI, t0: float, timeout: float, what: str = "webui") -> None:
+    """Wait for a started webui (A1111 or Forge) to serve its API and every extension route; sets
+    ``ui.startup_seconds``. Raises with the log's tail when the process dies or ``timeout`` seconds pass."""
+    import requests
+
+    while True:
+        if ui.process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {ui.process.returncode} during startup\n{ui.log_tail()}")
+        # /sdapi/v1/* answers as soon as create_api() ran, but extension routes (on_app_started: the Lora
+        # extension's /sdapi/v1/refresh-loras, this project's, the support extension's) are added after it; the
+        # webui prints "Startup time:" once those callbacks are done. No request before that line: one that
+        # arrives between gradio's launch and create_api() builds the app's middleware stack, and the webui then
+        # dies adding its own ("Cannot add middleware after an application has started").
+        if "Startup time:" in ui.log_text():
+            try:
+                if ui.session.get(ui.api("/sdapi/v1/sd-models"), timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{what} not ready after {timeout:.0f}s\n{ui.log_tail()}")
+        time.sleep(0.5)
+    ui.startup_seconds = time.monotonic() - t0
 
 
 # ---------------------------------------------------------------------------------------------------------------
