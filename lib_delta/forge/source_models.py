@@ -2,11 +2,10 @@
 source, denoising through the engine's own ``KModel.apply_model`` (x0 at a k-diffusion sigma, as Forge's sampler
 calls it for the target). The webui layer's cache, pair and legs use them like the A1111 ones.
 
-LoRA/LyCORIS files on an SD1 source work as in A1111 (the runtime LoRA of :mod:`lib_delta.lora` on one engine): Forge's
-UNet keeps the ldm module names and its CLIP-L is the same HF model, so a view with A1111's module paths is all the key
-mapping needs. ControlNet units work too: the network is built from Forge's own UNet class and configuration, and its
-residuals go in through that UNet's ``control=`` argument. Not on Forge yet, and refused with a message saying so: LoRAs
-on SD2/SDXL sources (Forge's OpenCLIP encoders are HF models, not OpenCLIP's).
+LoRA/LyCORIS files work as in A1111 (the runtime LoRA of :mod:`lib_delta.lora` on one engine), on every family: Forge's
+UNet keeps the ldm module names, and a view shows its HF text encoders under the paths A1111's key names map to
+(:func:`_lora_view`). ControlNet units work too: the network is built from Forge's own UNet class and configuration, and
+its residuals go in through that UNet's ``control=`` argument.
 """
 
 from __future__ import annotations
@@ -44,8 +43,6 @@ class ForgeDenoiser:
 class ForgeCheckpoint(LoadedCheckpoint):
     """A source checkpoint as a Forge engine: Forge's memory manager places it, so there is nothing to move here."""
 
-    supports_loras = False  # set per instance: SD1 sources take LoRA files
-
     def free(self) -> None:
         """Take the engine out of Forge's memory manager (which would keep it alive) and drop its weights."""
         from backend import memory_management
@@ -79,8 +76,8 @@ class ForgeCheckpoint(LoadedCheckpoint):
         pass  # Forge's memory manager owns placement
 
     def denoiser_for(self, wrapper: str) -> Any:
-        if wrapper != "k":
-            raise SourceModelError("the LCM sampler is not supported with Delta Sampling on Forge yet")
+        # Forge's LCM sampler takes only its sigma grid from its LCM wrapper: its CFG denoiser gets x0 from the
+        # engine's KModel for every sampler (backend/sampling/sampling_function.py), so the legs do the same.
         return self.denoiser
 
     def nbytes(self, seen: set[int] | None = None) -> int:
@@ -120,10 +117,10 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Forg
     checkpoint = ForgeCheckpoint(
         info=info, model=engine, denoiser=ForgeDenoiser(engine), family=family,
         latent_format=latent_format_of(engine), load_seconds=time.perf_counter() - started,
-        text_encoder_root="cond_stage_model", lora_view=_lora_view(engine, family),
+        text_encoder_root="conditioner" if family == "sdxl" else "cond_stage_model",
+        lora_view=_lora_view(engine, family),
         unet_kwargs=_constructor_kwargs(unet),
     )
-    checkpoint.supports_loras = family == "sd1"
     return checkpoint
 
 
@@ -137,13 +134,41 @@ def _constructor_kwargs(unet: torch.nn.Module) -> dict[str, Any]:
 
 
 def _lora_view(engine: Any, family: str) -> torch.nn.Module:
-    """The engine's UNet and (SD1) CLIP-L under the module paths A1111's LoRA key names map to
-    (``model.diffusion_model...``, ``cond_stage_model.transformer.text_model...``)."""
+    """The engine's UNet and text encoders under the module paths A1111's LoRA key names map to.
+
+    Forge's UNet keeps ldm's module names (``model.diffusion_model...``). Its text encoders are all HF CLIP models:
+    CLIP-L is at home under ``...transformer.text_model`` as in A1111, and OpenCLIP-H (SD2) and bigG (SDXL encoder 2)
+    are shown as OpenCLIP's ``model.transformer.resblocks.N`` with ``attn.{q,k,v,out}_proj`` and ``mlp.c_fc/c_proj``
+    standing for HF's ``self_attn.*`` and ``mlp.fc1/fc2``. A kohya key then finds the very layer Forge's own key map
+    patches for it (``lora_te_``/``lora_te2_text_model_encoder_layers_N_self_attn_q_proj`` -> that layer's
+    ``q_proj``): q/k/v are whole Linear layers here, not slices of an ``in_proj``."""
+    encoders = engine.forge_objects.clip.cond_stage_model
     view = torch.nn.Module()
     view.model = torch.nn.Module()
     view.model.diffusion_model = engine.forge_objects.unet.model.diffusion_model
     if family == "sd1":
-        view.cond_stage_model = engine.forge_objects.clip.cond_stage_model.clip_l  # .transformer: HF CLIP-L
+        view.cond_stage_model = encoders.clip_l  # .transformer: HF CLIP-L
+    elif family == "sd2":
+        view.cond_stage_model = _as_openclip(encoders.clip_h)
+    else:
+        view.conditioner = torch.nn.Module()
+        view.conditioner.embedders = torch.nn.ModuleList([encoders.clip_l, _as_openclip(encoders.clip_g)])
+    return view
+
+
+def _as_openclip(encoder: Any) -> torch.nn.Module:
+    """An HF CLIP text encoder's layers under OpenCLIP's names (the layers themselves, not copies)."""
+    blocks = torch.nn.ModuleList()
+    for layer in encoder.transformer.text_model.encoder.layers:
+        block = torch.nn.Module()
+        block.attn = layer.self_attn  # its children are q_proj, k_proj, v_proj, out_proj
+        block.mlp = torch.nn.Module()
+        block.mlp.c_fc, block.mlp.c_proj = layer.mlp.fc1, layer.mlp.fc2
+        blocks.append(block)
+    view = torch.nn.Module()
+    view.model = torch.nn.Module()
+    view.model.transformer = torch.nn.Module()
+    view.model.transformer.resblocks = blocks
     return view
 
 

@@ -225,8 +225,6 @@ class LoadedCheckpoint:
     lora_cache: dict[tuple, LoraNetwork] = field(default_factory=dict)
     runtime_lora: RuntimeLora | None = None  # hooks currently installed on this model (at most one set)
     offload: bool = False  # --lowvram/--medvram: wait on the CPU, visit the GPU for each forward
-    supports_loras = True  # class attributes: the Forge checkpoint cannot take LoRA files and ControlNets yet
-    supports_controlnet = True
     _lcm_denoiser: torch.nn.Module | None = None
 
     @contextlib.contextmanager
@@ -731,10 +729,6 @@ class SourceCache:
                         f"adapted: {adapted.info.name} is an {adapted.family} checkpoint but the source base "
                         f"{base.info.name} is {base.family}; the adapted leg must be the same family as the base"
                     )
-            if params.loras and not adapted.supports_loras:
-                raise SourceModelError(f"loras: LoRA/LyCORIS files on an {adapted.family} source are not supported on "
-                                       "Forge yet (SD1 sources are); use an adapted checkpoint (e.g. one with the "
-                                       "LoRA merged in)")
             networks = [(load_lora(adapted, spec), spec.weight) for spec in params.loras]
             # A generation that ended without cleaning up (an error elsewhere in the webui) may have left hooks.
             base.drop_runtime_lora()
@@ -746,9 +740,6 @@ class SourceCache:
                 except LoraError as exc:
                     raise SourceModelError(f"loras: {exc}") from exc
                 adapted.runtime_lora = runtime
-            if params.controlnet and not adapted.supports_controlnet:
-                raise SourceModelError("controlnet: ControlNet units on the adapted leg are not supported on Forge "
-                                       "yet")
             controls = []
             for unit in params.controlnet:
                 name, filename = resolve_controlnet(unit.model)

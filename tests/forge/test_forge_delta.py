@@ -161,8 +161,8 @@ def test_failures_are_http_errors_naming_the_problem_and_the_next_request_works(
     cases = [
         (ds(scale=1.0, source="no-such-model", adapted=b), "no checkpoint named 'no-such-model'"),
         (ds(scale="big", source=a, adapted=b), "scale: expected a number"),
-        (ds(scale=1.0, source=forge.models.title("forge-sdxl-a"), loras=[{"name": "x"}]),
-         "sdxl source are not supported on Forge yet"),
+        (ds(scale=1.0, source=forge.models.title("forge-sdxl-a"), loras=[{"name": "forge-sd15-lora"}]),
+         "forge-sd15-lora does not fit the sdxl source"),
         (ds(scale=1.0, source=a, controlnet=[{"model": "x", "image": png_b64(image_from_b64(
             forge.txt2img(forge.payload("forge-sd15-a", "x", steps=1))["images"][0]))}]),
          "no ControlNet named 'x'"),
@@ -180,25 +180,29 @@ def test_failures_are_http_errors_naming_the_problem_and_the_next_request_works(
 
 
 @pytest.mark.parametrize("kind", ["lora", "locon", "loha", "lokr"])
-def test_lora_pair_equals_forges_own_lora(forge, kind):
-    """DS(A, A, A + L, lambda 1) against Forge's own <lora:L:0.8> on A (its key mapping and patcher judge)."""
-    a, _ = titles(forge)
-    name = f"forge-sd15-{kind}"
-    common = dict(negative_prompt=NEGATIVE, steps=5)
-    plain = forge.txt2img(forge.payload("forge-sd15-a", PROMPT, **common))["images"][0]
-    theirs = forge.txt2img(forge.payload("forge-sd15-a", f"{PROMPT} <lora:{name}:0.8>", **common))["images"][0]
-    ours = forge.txt2img(forge.payload("forge-sd15-a", PROMPT, **common, alwayson_scripts=ds(
+@pytest.mark.parametrize("family", ["sd15", "sd2v", "sdxl"])
+def test_lora_pair_equals_forges_own_lora(forge, family, kind):
+    """DS(A, A, A + L, lambda 1) against Forge's own <lora:L:0.8> on A (its key mapping and patcher judge). The files
+    touch the UNet and every text-encoder layer: Forge's HF CLIP-L, OpenCLIP-H and bigG."""
+    target = f"forge-{family}-a"
+    a = forge.models.title(target)
+    name = f"forge-{family}-{kind}"
+    common = dict(negative_prompt=NEGATIVE, steps=5 if family == "sd15" else 4)
+    plain = forge.txt2img(forge.payload(target, PROMPT, **common))["images"][0]
+    theirs = forge.txt2img(forge.payload(target, f"{PROMPT} <lora:{name}:0.8>", **common))["images"][0]
+    ours = forge.txt2img(forge.payload(target, PROMPT, **common, alwayson_scripts=ds(
         scale=1.0, source=a, loras=[{"name": name, "weight": 0.8}])))
     effect = mean_abs_diff(theirs, plain)
     assert effect > 2, f"the LoRA should change the image ({effect:.2f})"
-    print(f"{kind}: effect {effect:.2f}; DS vs Forge <lora> mean {mean_abs_diff(ours['images'][0], theirs):.4f}, "
+    print(f"{family} {kind}: effect {effect:.2f}; DS vs Forge <lora> mean "
+          f"{mean_abs_diff(ours['images'][0], theirs):.4f}, "
           f"max {int(abs(image_array(ours['images'][0]).astype(int) - image_array(theirs).astype(int)).max())}")
-    assert_same_image(ours["images"][0], theirs, f"{kind} against Forge's <lora>")
+    assert_same_image(ours["images"][0], theirs, f"{family} {kind} against Forge's <lora>")
     status = forge.get("/delta-sampling/v1/status").json()
     loaded = {m["title"]: m for m in status["models"]}[a]
     assert any(lo["name"] == name and lo["not_applied_keys"] == 0 for lo in loaded["loras"]), loaded["loras"]
     # a plain generation afterwards is the one before (neither DS's hooks nor Forge's patches stay behind)
-    assert same_bytes(forge.txt2img(forge.payload("forge-sd15-a", PROMPT, **common))["images"][0], plain)
+    assert same_bytes(forge.txt2img(forge.payload(target, PROMPT, **common))["images"][0], plain)
 
 
 @pytest.mark.parametrize("mode", ["Balanced", "My prompt is more important", "ControlNet is more important"])
