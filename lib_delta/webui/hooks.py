@@ -488,6 +488,7 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
             wrapper=state.wrapper,
             total_steps=denoiser.total_steps,
             controls=job.controls,
+            forge=host().forge,
         )
         legs = SourceLegs(job.pair, state.conds, request)
         delta = source_delta(x, sigma, legs, latent_map, factor=state.factor)

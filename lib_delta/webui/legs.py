@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..composition import combine_a1111, combine_forge
 from ..control_units import ControlStack
 from ..controlnet import ActiveControl, controlled_forward
 from ..resolution import LATENT_CELL
@@ -175,15 +176,6 @@ def _control_mode(checkpoint: LoadedCheckpoint, controls: ControlScope | None, g
         del unet.forward
 
 
-def _combine(cond_out: torch.Tensor, uncond_out: torch.Tensor, conds_list: list, cond_scale: float) -> torch.Tensor:
-    """The webui's ``CFGDenoiser.combine_denoised``: per image, uncond + sum of weighted (cond_j - uncond) * scale."""
-    denoised = uncond_out.clone()
-    for i, conds in enumerate(conds_list):
-        for cond_index, weight in conds:
-            denoised[i] += (cond_out[cond_index] - uncond_out[i]) * (weight * cond_scale)
-    return denoised
-
-
 @dataclass
 class LegRequest:
     """What one denoiser call of the target asks of the source pair."""
@@ -196,6 +188,7 @@ class LegRequest:
     wrapper: str = "k"  # "lcm" when the target samples with LCM (its denoiser scales x0 its own way)
     total_steps: int = 1  # with ``step``: the ControlNet units' windows
     controls: ControlStack | None = None  # the adapted leg's ControlNet units
+    forge: bool = False  # combine AND-terms as Forge does (lib_delta.composition)
 
 
 class SourceLegs:
@@ -238,10 +231,13 @@ class SourceLegs:
         results = []
         for conds_list, segments, with_uncond in legs:
             cond_out = segments[0].out
-            if with_uncond:
-                results.append(_combine(cond_out, segments[1].out, conds_list, req.cond_scale))
+            if req.forge:  # with the uncond skipped, Forge guides against zero at scale 1
+                uncond_out = segments[1].out if with_uncond else None
+                results.append(combine_forge(cond_out, uncond_out, conds_list, req.cond_scale if with_uncond else 1.0))
+            elif with_uncond:
+                results.append(combine_a1111(cond_out, segments[1].out, conds_list, req.cond_scale))
             else:
                 # As the webui does when it skips the uncond: each image's first cond row stands in for it, scale 1.
                 first_rows = torch.stack([cond_out[c[0][0]] for c in conds_list])
-                results.append(_combine(cond_out, first_rows, conds_list, 1.0))
+                results.append(combine_a1111(cond_out, first_rows, conds_list, 1.0))
         return results[0], results[1]

@@ -15,6 +15,7 @@ import pytest
 from forge_harness import HERE, MISSING, ensure_forge_models, h, start_forge
 
 _FORGE_KEY = pytest.StashKey[Any]()
+API_AUTH = ("delta", "s3cret")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,7 +32,8 @@ def forge(request, tmp_path_factory) -> h.WebUI:
     if MISSING:
         pytest.skip(MISSING)
     models = ensure_forge_models()
-    ui = start_forge(models, tmp_path_factory.mktemp("forge-data"))
+    # --api-auth: every request of the tier carries the credentials; test_forge_auth checks the routes refuse others
+    ui = start_forge(models, tmp_path_factory.mktemp("forge-data"), auth=API_AUTH)
     request.config.stash[_FORGE_KEY] = ui
     try:
         yield ui

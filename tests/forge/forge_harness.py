@@ -85,7 +85,7 @@ def ensure_forge_models() -> h.TinyModels:
 
 
 def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | None = None, *,
-                extension: bool = True) -> h.WebUI:
+                extension: bool = True, auth: tuple[str, str] | None = None) -> h.WebUI:
     import requests
 
     sd_dir = data_dir / "models" / "Stable-diffusion"
@@ -113,7 +113,7 @@ def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | No
     cmd = [str(FORGE_PYTHON), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
            "--skip-version-check", "--skip-python-version-check", "--always-cpu", "--api", "--server-name",
            "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), "--ckpt-dir", str(sd_dir),
-           "--disable-console-progressbars", *(extra_args or [])]
+           "--disable-console-progressbars", *(["--api-auth", ":".join(auth)] if auth else []), *(extra_args or [])]
     log_path = data_dir / "forge.log"
     t0 = time.monotonic()
     with open(log_path, "wb") as logf:
@@ -123,6 +123,7 @@ def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | No
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     session = requests.Session()
     session.trust_env = False
+    session.auth = auth
     default = next(iter(models.checkpoints.values()))
     ui = h.WebUI(url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, log_path=log_path, session=session,
                  models=models, process=proc, default_checkpoint=default.title,

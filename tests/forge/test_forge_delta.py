@@ -42,7 +42,7 @@ def test_identities_are_byte_identical_to_ds_off_and_leave_nothing_behind(forge)
 
 
 @pytest.mark.parametrize("cfg", [5.0, 1.0])
-@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "Euler a", "DDIM"])
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "Euler a", "DDIM", "LCM"])
 def test_lambda_one_with_target_as_base_reproduces_the_adapted_checkpoint(forge, sampler, cfg):
     a, b = titles(forge)
     common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name=sampler, steps=5, cfg_scale=cfg)
@@ -85,13 +85,21 @@ def test_sd1_pair_steers_an_sdxl_target(forge):
 
 def test_batches_with_prompts_per_image_hires_and_img2img(forge):
     a, b = titles(forge)
-    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, batch_size=2, steps=4,
-                  styles=[], seed=77)
-    alone = forge.txt2img(forge.payload("forge-sd15-b", **common))["images"]
-    res = forge.txt2img(forge.payload("forge-sd15-a", **common, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
-    assert len(res["images"]) == 2
-    for i, (got, want) in enumerate(zip(res["images"], alone, strict=True)):
-        assert_same_image(got, want, f"batch image {i}")
+    # the prompt matrix gives each image of one batch its own prompt (and seed); AND-prompts compose several conds,
+    # which Forge combines its own way (lib_delta.composition), with the uncond (CFG 5) and without it (CFG 1)
+    for cfg in (5.0, 1.0):
+        common = dict(prompt="a cat AND a (dog:1.2):0.6|red", negative_prompt=NEGATIVE, batch_size=2, steps=4,
+                      seed=77, cfg_scale=cfg, script_name="prompt matrix",
+                      script_args=[False, True, "positive", "comma", 0])
+        alone = forge.txt2img(forge.payload("forge-sd15-b", **common))
+        res = forge.txt2img(forge.payload("forge-sd15-a", **common,
+                                          alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
+        assert len(res["images"]) == 3  # the matrix grid, then one image per prompt
+        prompts = [line.split("\n")[0] for line in json.loads(res["info"])["infotexts"][1:]]
+        assert prompts == ["a cat AND a (dog:1.2):0.6", "a cat AND a (dog:1.2):0.6, red"], prompts
+        assert mean_abs_diff(alone["images"][1], alone["images"][2]) > 2
+        for i, (got, want) in enumerate(zip(res["images"][1:], alone["images"][1:], strict=True)):
+            assert_same_image(got, want, f"CFG {cfg}, batch image {i}")
 
     hires = dict(prompt=PROMPT, steps=4, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6,
                  hr_second_pass_steps=3, hr_cfg=3.0,
@@ -246,3 +254,44 @@ def test_sd15_controlnet_steers_an_sdxl_target_on_forge(forge):
     idle = forge.txt2img(forge.payload("forge-sdxl-a", PROMPT, steps=4, alwayson_scripts=ds(
         scale=2.0, source=a, controlnet=[{"model": "control_forge_sd15", "image": control_image(), "weight": 0}])))
     assert same_bytes(idle["images"][0], off)  # a unit at weight 0 is no adapted leg at all
+
+
+def test_refiner_swaps_the_target_mid_sampling(forge):
+    """Forge's refiner reloads the target halfway through sampling (sd_samplers_common.apply_refiner): the legs keep
+    running after the swap, the identities still hold, and nothing stays behind."""
+    xa, xb = forge.models.title("forge-sdxl-a"), forge.models.title("forge-sdxl-b")
+    refiner = dict(refiner_checkpoint=xb, refiner_switch_at=0.5, steps=4)
+    off = forge.txt2img(forge.payload("forge-sdxl-a", PROMPT, **refiner))
+    assert "Refiner: forge-sdxl-b" in infotext(off)
+    same = forge.txt2img(forge.payload("forge-sdxl-a", PROMPT, **refiner,
+                                       alwayson_scripts=ds(scale=1.0, source=xb, adapted=xb)))
+    assert same_bytes(same["images"][0], off["images"][0])
+    one = forge.txt2img(forge.payload("forge-sdxl-a", PROMPT, **refiner,
+                                      alwayson_scripts=ds(scale=1.0, source=xa, adapted=xb)))
+    assert "Refiner: forge-sdxl-b" in infotext(one) and "Delta scale: 1.0" in infotext(one)
+    assert mean_abs_diff(one["images"][0], off["images"][0]) > 1
+    gen = forge.get("/delta-sampling/v1/status").json()["last_generation"]
+    assert gen["source_calls"] == gen["target_calls"] >= 4, gen  # before and after the swap
+    again = forge.txt2img(forge.payload("forge-sdxl-a", PROMPT, **refiner))
+    assert same_bytes(again["images"][0], off["images"][0])
+
+
+ROUTES = [("get", "/delta-sampling/v1/version"), ("get", "/delta-sampling/v1/schema"),
+          ("get", "/delta-sampling/v1/status"), ("post", "/delta-sampling/v1/unload"),
+          ("get", "/delta-sampling/v1/controlnet/models"),
+          ("get", "/sdapi/v1/sd-models")]  # the last one is Forge's own, for comparison
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_routes_need_the_api_credentials(forge, method, path):
+    """This Forge runs with --api-auth (conftest): DS's routes refuse requests without the credentials, as Forge's own
+    do, and serve them with."""
+    import requests
+
+    from conftest import API_AUTH
+
+    request = getattr(requests, method)
+    url = forge.api(path)
+    assert request(url, timeout=60).status_code == 401
+    assert request(url, auth=(API_AUTH[0], "wrong"), timeout=60).status_code == 401
+    assert request(url, auth=API_AUTH, timeout=60).status_code == 200
