@@ -193,6 +193,8 @@ def _validate_value(setting: Setting, value: Any) -> Any:
         return _finite_number(setting, value)
     if kind == "int":
         return _finite_number(setting, value, integer=True)
+    if kind == "checkpoint" and value is None:  # the UI's dropdown before a choice
+        return ""
     if kind in ("str", "checkpoint"):
         if not isinstance(value, str):
             raise ParamError(setting.name, f"expected text, got {type(value).__name__} {value!r}")

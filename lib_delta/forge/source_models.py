@@ -48,13 +48,19 @@ class ForgeCheckpoint(LoadedCheckpoint):
         from backend import memory_management
 
         self.release()
+        for loaded in self._managed():
+            memory_management.current_loaded_models.remove(loaded)
         objects = self.model.forge_objects
-        patchers = {id(objects.unet), id(objects.clip.patcher)}
-        for loaded in list(memory_management.current_loaded_models):
-            if id(loaded.model) in patchers:
-                memory_management.current_loaded_models.remove(loaded)
         for module in (objects.unet.model, objects.clip.cond_stage_model):
             module.to(device="meta")
+
+    def _managed(self) -> list[Any]:
+        """The memory manager's entries (``LoadedModel``) for this engine's UNet and text encoder."""
+        from backend import memory_management
+
+        objects = self.model.forge_objects
+        patchers = {id(objects.unet), id(objects.clip.patcher)}
+        return [m for m in memory_management.current_loaded_models if id(m.model) in patchers]
 
     @contextlib.contextmanager
     def on_compute_device(self) -> Iterator[None]:
@@ -73,7 +79,16 @@ class ForgeCheckpoint(LoadedCheckpoint):
         return self.model.forge_objects.unet.model.computation_dtype  # storage may be fp8; compute never is
 
     def move(self, device: torch.device) -> None:
-        pass  # Forge's memory manager owns placement
+        """Forge's memory manager places the engine for each sampling. Moving to the CPU (the "CPU between
+        generations" residency) hands it back the way Forge unloads its own models: out of the manager, weights to
+        its offload device."""
+        if device.type != "cpu":
+            return
+        from backend import memory_management
+
+        for loaded in self._managed():
+            memory_management.current_loaded_models.remove(loaded)
+            loaded.model_unload()
 
     def denoiser_for(self, wrapper: str) -> Any:
         # Forge's LCM sampler takes only its sigma grid from its LCM wrapper: its CFG denoiser gets x0 from the

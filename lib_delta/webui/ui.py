@@ -90,7 +90,8 @@ def _component(setting: Setting, elem_id: str) -> Any:
     if setting.kind == "choice":
         return gr.Dropdown(choices=list(setting.choices), value=setting.default, **common)
     if setting.kind == "checkpoint":
-        return gr.Dropdown(choices=checkpoint_titles(), value="", **common)
+        # None, not "": gradio 4 (Forge) never takes a choice made in a dropdown whose value is outside its choices
+        return gr.Dropdown(choices=checkpoint_titles(), value=None, **common)
     if setting.kind == "optional_checkpoint":
         return gr.Dropdown(choices=[NONE_CHOICE, *checkpoint_titles()], value=NONE_CHOICE, **common)
     if setting.kind == "loras":

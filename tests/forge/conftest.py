@@ -50,3 +50,12 @@ def pytest_runtest_makereport(item, call):
         ui = item.config.stash.get(_FORGE_KEY, None)
         if ui is not None:
             rep.sections.append((f"Forge log (last {h.LOG_TAIL_LINES} lines of {ui.log_path})", ui.log_tail()))
+
+
+@pytest.fixture
+def browser(tmp_path):
+    reason = h.browser_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    with h.chromium(tmp_path) as driver:
+        yield driver

@@ -113,7 +113,11 @@ def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | No
     cmd = [str(FORGE_PYTHON), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
            "--skip-version-check", "--skip-python-version-check", "--always-cpu", "--api", "--server-name",
            "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), "--ckpt-dir", str(sd_dir),
-           "--disable-console-progressbars", *(["--api-auth", ":".join(auth)] if auth else []), *(extra_args or [])]
+           "--disable-console-progressbars", *(["--api-auth", ":".join(auth)] if auth else []),
+           # gradio 4 serves files only from allowed paths, and Forge allows only the data dir: with a data dir of
+           # its own, its own script.js (FORGE_DIR) and this extension's (the symlink's target) would be refused
+           "--gradio-allowed-path", str(FORGE_DIR), "--gradio-allowed-path", str(h.PROJECT_ROOT),
+           *(extra_args or [])]
     log_path = data_dir / "forge.log"
     t0 = time.monotonic()
     with open(log_path, "wb") as logf:

@@ -74,6 +74,7 @@ def test_named_dict_in_first_slot_wins_over_ui_defaults():
         ({"loras": "a:lots"}, "loras", "'lots' of 'a' is not a number"),
         ({"source_cfg_scale": 0.5}, "source_cfg_scale", "at least 1"),
         ({"enabled": True, "adapted": "x"}, "source", "choose the source base"),
+        ({"enabled": True, "source": None, "adapted": "x"}, "source", "choose the source base"),  # gradio 4's empty
         ({"enabled": True, "source": "x"}, "adapted", "adapted checkpoint, or at least one LoRA"),
     ],
 )

@@ -20,14 +20,13 @@ from typing import Any
 import pytest
 
 from webui_harness import (
-    CHROMEDRIVER,
-    CHROMIUM,
     HERE,
     LOG_TAIL_LINES,
     MISSING,
     TinyModels,
     WebUI,
     browser_missing_reason,
+    chromium,
     ensure_tiny_models,
     start_webui,
     stop_process,
@@ -84,22 +83,8 @@ def browser(tmp_path):
     reason = browser_missing_reason()
     if reason:
         pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chromium'}"):
-        opts.add_argument(a)
-    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(service=service, options=opts)
-    driver.set_page_load_timeout(120)
-    try:
+    with chromium(tmp_path) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
