@@ -5,7 +5,9 @@
 Two Forge processes from the Forge tier's harness (tests/forge): one with this extension (**installed**), one without
 (**absent**), the SD1.5 Forge fixtures (UNet 44 M parameters), 64x64, Euler, 8 steps, CFG 5. Whole-request wall
 times, medians over rounds in which the configurations run back to back (absent and installed-off alternate, order
-flipped each round). Memory: ``/delta-sampling/v1/status`` bytes (shared tensors once) and the process RSS growth
+flipped each round). Orchestration overhead: the bench support extension (bench/support_extension) times
+``p.sample`` and every UNet forward, target and source legs, inside the installed process. Memory:
+``/delta-sampling/v1/status`` bytes (shared tensors once) and the process RSS growth
 after a generation with one source model, a LoRA pair and a checkpoint pair. Nothing is asserted.
 """
 
@@ -24,6 +26,7 @@ sys.path.insert(0, str(HERE.parent / "tests" / "forge"))
 
 import forge_harness as fh  # noqa: E402
 from .sections import replace_section  # noqa: E402
+from .webui_bench import SUPPORT, SUPPORT_NAME  # noqa: E402
 
 
 def _wall(ui, payload: dict) -> float:
@@ -43,7 +46,7 @@ def main() -> None:
         return
     models = fh.ensure_forge_models()
     work = Path(tempfile.mkdtemp(prefix="delta-forge-bench-"))
-    installed = fh.start_forge(models, work / "installed")
+    installed = fh.start_forge(models, work / "installed", extra_extensions={SUPPORT_NAME: SUPPORT})
     absent = fh.start_forge(models, work / "absent", extension=False)
     try:
         a, b = models.title("forge-sd15-a"), models.title("forge-sd15-b")
@@ -68,16 +71,28 @@ def main() -> None:
         for payload in configs.values():
             _wall(installed, payload)
         times: dict[str, list[float]] = {"absent": [], **{k: [] for k in configs}}
+        inside: dict[str, list[dict]] = {k: [] for k in configs}  # the support extension's numbers per generation
         for i in range(args.rounds):
             pair = [("absent", absent), ("off", installed)]
             for name, ui in (pair if i % 2 == 0 else pair[::-1]):
                 times[name].append(_wall(ui, base))
+                if ui is installed:
+                    inside["off"].append(installed.get("/delta-bench/v1/last").json())
             for name in ("checkpoint pair", "LoRA pair"):
                 times[name].append(_wall(installed, configs[name]))
+                inside[name].append(installed.get("/delta-bench/v1/last").json())
     finally:
         fh.h.stop_process(installed.process)
         fh.h.stop_process(absent.process)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # orchestration: DS's time inside p.sample / (DS off's non-forward time + every UNet forward of the DS run)
+    off_nonfwd = statistics.median(r["sample_s"] - r["target_fwd_s"] for r in inside["off"])
+    orchestration = {name: statistics.median(r["sample_s"] / (r["target_fwd_s"] + r["source_fwd_s"] + off_nonfwd)
+                                             for r in inside[name]) for name in ("checkpoint pair", "LoRA pair")}
+    excess_ms = {name: statistics.median((r["sample_s"] - r["target_fwd_s"] - r["source_fwd_s"] - off_nonfwd)
+                                         / max(1, r["target_calls"]) * 1000 for r in inside[name])
+                 for name in ("checkpoint pair", "LoRA pair")}
+    source_calls = {name: inside[name][-1]["source_calls"] for name in ("checkpoint pair", "LoRA pair")}
     one = memory["checkpoint pair"]["bytes"] / 2  # one engine after its legs ran (text encoder loaded too)
     lora_file = (models.root / "Lora" / "forge-sd15-lora.safetensors").stat().st_size
     rows = [
@@ -85,6 +100,9 @@ def main() -> None:
         f"| DS installed + disabled / extension absent (whole request) | {med['off'] / med['absent']:.3f} |",
         f"| DS checkpoint pair / DS off | {med['checkpoint pair'] / med['off']:.2f} |",
         f"| DS LoRA pair / DS off | {med['LoRA pair'] / med['off']:.2f} |",
+        *(f"| orchestration, {name}: DS time in `p.sample` / (DS off's non-forward time + every UNet forward) | "
+          f"{orchestration[name]:.3f} ({excess_ms[name]:+.1f} ms per denoiser call; {source_calls[name]} source "
+          "UNet forwards) |" for name in ("checkpoint pair", "LoRA pair")),
         f"| LoRA pair memory / one engine (half the checkpoint pair; status bytes) | "
         f"{memory['LoRA pair']['bytes'] / one:.3f} (+ the LoRA's own tensors, a {lora_file / 2**20:.1f} MB file) |",
         f"| checkpoint pair memory / one engine | {memory['checkpoint pair']['bytes'] / one:.3f} |",
@@ -93,12 +111,13 @@ def main() -> None:
     ]
     text = "\n".join(rows)
     print(text)
-    print(json.dumps({"median_s": med, "memory": memory}))
+    raw = {"median_s": med, "memory": memory, "orchestration": orchestration, "off_nonforward_s": off_nonfwd}
+    print(json.dumps(raw))
     section = (f"### Forge (`python -m bench.forge_bench`)\n\nForge main (dfdcbab) on this 2-core CPU, "
                f"SD1.5 Forge fixtures (UNet 44 M parameters), 64x64, Euler, 8 steps; medians of {args.rounds} rounds "
                "of whole-request wall times. Memory: status bytes after one generation of each kind (a fresh load "
                "each).\n\n"
-               f"{text}\n\nRaw: `{json.dumps({'median_s': med, 'memory': memory})}`\n")
+               f"{text}\n\nRaw: `{json.dumps(raw)}`\n")
     replace_section(Path(args.markdown), "forge", section)
 
 

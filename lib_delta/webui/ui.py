@@ -90,8 +90,10 @@ def _component(setting: Setting, elem_id: str) -> Any:
     if setting.kind == "choice":
         return gr.Dropdown(choices=list(setting.choices), value=setting.default, **common)
     if setting.kind == "checkpoint":
-        # None, not "": gradio 4 (Forge) never takes a choice made in a dropdown whose value is outside its choices
-        return gr.Dropdown(choices=checkpoint_titles(), value=None, **common)
+        # gradio 4 (Forge) never takes a choice made in a dropdown whose value is outside its choices: start at None
+        # there. Not in gradio 3 (A1111): its API pastes infotext only into components whose value has a type.
+        empty = None if int(gr.__version__.split(".")[0]) >= 4 else ""
+        return gr.Dropdown(choices=checkpoint_titles(), value=empty, **common)
     if setting.kind == "optional_checkpoint":
         return gr.Dropdown(choices=[NONE_CHOICE, *checkpoint_titles()], value=NONE_CHOICE, **common)
     if setting.kind == "loras":

@@ -85,7 +85,8 @@ def ensure_forge_models() -> h.TinyModels:
 
 
 def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | None = None, *,
-                extension: bool = True, auth: tuple[str, str] | None = None) -> h.WebUI:
+                extension: bool = True, auth: tuple[str, str] | None = None,
+                extra_extensions: dict[str, Path] | None = None) -> h.WebUI:
     import requests
 
     sd_dir = data_dir / "models" / "Stable-diffusion"
@@ -105,6 +106,8 @@ def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | No
     (data_dir / "extensions").mkdir(exist_ok=True)
     if extension:  # False: the same Forge without this project (the bench's "absent" process)
         (data_dir / "extensions" / h.EXTENSION_NAME).symlink_to(h.PROJECT_ROOT, target_is_directory=True)
+    for name, path in (extra_extensions or {}).items():  # the bench's support extension
+        (data_dir / "extensions" / name).symlink_to(path, target_is_directory=True)
     hashes = {f"checkpoint/{c.file}": {"mtime": os.path.getmtime(c.path), "sha256": c.sha256}
               for c in models.checkpoints.values()}
     (data_dir / "cache.json").write_text(json.dumps({"hashes": hashes}))

@@ -1,12 +1,14 @@
-"""Bench-only webui extension (linked into the bench's data dir by bench/webui_bench.py, never shipped).
+"""Bench-only webui extension (linked into the bench's data dir by bench/webui_bench.py and bench/forge_bench.py,
+never shipped).
 
 It measures, inside the webui process, for every txt2img generation:
 
 * ``sample_s``: wall time inside ``p.sample`` (sampler set-up, noise, every denoiser call, DS's source legs and
   bookkeeping; not the text encoding of the target's prompts, not the VAE decode);
 * ``target_fwd_s`` / ``source_fwd_s``: the summed wall time of every forward of the target's UNet
-  (``shared.sd_model.model.diffusion_model``) and of the DS source models' UNets (found in
-  ``lib_delta.webui.source_models.CACHE``), with their call and row counts. A runtime LoRA's hooks run inside the
+  (``shared.sd_model.model.diffusion_model``; on Forge the engine's ``forge_objects.unet.model.diffusion_model``)
+  and of the DS source models' UNets (found in ``lib_delta.webui.source_models.CACHE``), with their call and row
+  counts. A runtime LoRA's hooks run inside the
   source UNet's forward, so they count as the leg's own forward.
 
 On CUDA the hooks synchronise the device before reading the clock (CPU execution is synchronous already).
@@ -84,15 +86,23 @@ def _hook(module: torch.nn.Module, role: str) -> None:
     STATS.hooked[id(module)] = (weakref.ref(module), role, handles)
 
 
+def _target_unet() -> torch.nn.Module | None:
+    model = shared.sd_model
+    forge_objects = getattr(model, "forge_objects", None)  # Forge: the engine's KModel holds the UNet
+    if forge_objects is not None:
+        return forge_objects.unet.model.diffusion_model
+    return getattr(getattr(model, "model", None), "diffusion_model", None)
+
+
 def _hook_models() -> list[str]:
     found = []
-    target = getattr(getattr(shared.sd_model, "model", None), "diffusion_model", None)
+    target = _target_unet()
     if target is not None:
         _hook(target, "target")
     source_models = sys.modules.get("lib_delta.webui.source_models")
     if source_models is not None:
         for loaded in list(source_models.CACHE._models.values()):
-            unet = getattr(getattr(loaded.model, "model", None), "diffusion_model", None)
+            unet = loaded.unet  # A1111 and Forge checkpoints alike
             if unet is not None and unet is not target:
                 _hook(unet, "source")
                 found.append(loaded.title)
