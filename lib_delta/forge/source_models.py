@@ -30,7 +30,10 @@ class ForgeDenoiser:
         from backend import memory_management
 
         unet = self.engine.forge_objects.unet
-        memory_management.load_models_gpu([unet])  # a no-op when it is already where it computes
+        # Registered for the sampling (hooks.before_sampling), the manager has placed it already. Not so after a
+        # refiner swap mid-sampling: then load it here (load_models_gpu also logs two lines per call, so only then).
+        if not any(loaded.model is unet for loaded in memory_management.current_loaded_models):
+            memory_management.load_models_gpu([unet])
         if "c_crossattn" in cond:
             kwargs = {"c_crossattn": cond["c_crossattn"][0]}
         else:  # SDXL: {"crossattn", "vector"}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +100,7 @@ class DeltaJob:
     source_calls: int = 0  # calls that ran the source legs
     reused_calls: int = 0  # calls that reused the previous delta (reuse_steps > 1)
     skipped_calls: int = 0  # calls where only ControlNet units make the difference and none was active
+    encode_seconds: float = 0.0  # the source legs' text encoding (their prompts through their own text encoders)
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -113,6 +115,7 @@ class DeltaJob:
                                      "legs_sizes": [state.legs_size for _, state in self.passes.values()],
                                      "controlnet_calls": self.controls.calls if self.controls else 0,
                                      "skipped_calls": self.skipped_calls,
+                                     "encode_seconds": round(self.encode_seconds, 4),
                                      "failed": self.error is not None}
         if self.pair is not None:
             self.pair.release()
@@ -348,7 +351,9 @@ def _pass_state(job: DeltaJob, denoiser: Any) -> PassState:
         state.legs_size = (prompts.width, prompts.height)
         conds = job.cond_cache.get(prompts)
         if conds is None:
+            started = time.perf_counter()
             conds = job.cond_cache[prompts] = encode_legs(job.pair, prompts)
+            job.encode_seconds += time.perf_counter() - started
         state.conds = conds
         # Forge's denoiser hands its callbacks x0 for every sampler (it converts to eps after them)
         state.eps_space = not host().forge and isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps)
