@@ -80,6 +80,7 @@ class PassState:
     conds: LegConds | None = None
     schedule: DiscreteSchedule | None = None
     last_delta: torch.Tensor | None = None  # target-space x0 delta of the last computed call
+    last_uncond_delta: torch.Tensor | None = None  # the same for the uncond predictions alone (CFG++ samplers)
     calls_in_window: int = 0
     factor: int = 1  # the legs' grid is this many times coarser than the pass's (source_resolution)
     legs_size: tuple[int, int] | None = None  # (width, height) in pixels the legs are conditioned on (SDXL's size)
@@ -369,7 +370,9 @@ def _target_cond_scale(denoiser: Any) -> float:
     p = denoiser.p
     if host().forge and getattr(p, "is_hr_pass", False):
         return float(p.hr_cfg)
-    return denoiser.sampler.sampler_extra_args["cond_scale"] * getattr(denoiser, "cond_scale_miltiplier", 1.0)
+    scale = denoiser.sampler.sampler_extra_args["cond_scale"]
+    # A1111's CFG++ samplers scale the CFG scale down (cond_scale_miltiplier); Forge sets the attribute, never reads it
+    return scale if host().forge else scale * getattr(denoiser, "cond_scale_miltiplier", 1.0)
 
 
 def _target_skips_uncond(denoiser: Any, sigma0: float) -> bool:
@@ -481,7 +484,7 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
     reuse = state.last_delta is not None and state.calls_in_window % params.reuse_steps != 0
     state.calls_in_window += 1
     if reuse:
-        delta = state.last_delta
+        delta, uncond_delta = state.last_delta, state.last_uncond_delta
         job.reused_calls += 1
     else:
         request = LegRequest(
@@ -497,8 +500,14 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
         )
         legs = SourceLegs(job.pair, state.conds, request)
         delta = source_delta(x, sigma, legs, latent_map, factor=state.factor)
-        state.last_delta = delta
+        uncond_delta = None
+        if getattr(denoiser, "need_last_noise_uncond", False) and legs.unconds is not None:
+            # CFG++ samplers renoise with the uncond prediction itself: it gets the legs' uncond delta
+            uncond_delta = source_delta(x, sigma, lambda _x, _s: legs.unconds, latent_map, factor=state.factor)
+        state.last_delta, state.last_uncond_delta = delta, uncond_delta
         job.source_calls += 1
+    if uncond_delta is not None and denoiser.last_noise_uncond is not None:
+        _shift_last_noise_uncond(denoiser, call.scale * uncond_delta, sigma)
 
     scaled = guard_delta(call.scale * delta, target_x0, params.guard)
     if denoiser.mask is not None:
@@ -506,6 +515,15 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
     if state.eps_space:
         return denoised + x0_delta_to_eps(scaled, sigma)
     return denoised + scaled.to(denoised.dtype)
+
+
+def _shift_last_noise_uncond(denoiser: Any, x0_delta: torch.Tensor, sigma: torch.Tensor) -> None:
+    """Move the uncond noise a CFG++ sampler renoises with (``denoiser.last_noise_uncond``) by an x0 delta. A1111
+    keeps it as the model's eps output, Forge as ``(x - uncond x0) / sigma``: eps at this call's sigma either way."""
+    if denoiser.mask is not None:
+        x0_delta = x0_delta * denoiser.nmask
+    current = denoiser.last_noise_uncond
+    denoiser.last_noise_uncond = current + x0_delta_to_eps(x0_delta, sigma).to(current.dtype)
 
 
 def register_callbacks() -> None:

@@ -196,6 +196,7 @@ class SourceLegs:
 
     def __init__(self, pair: SourcePair, conds: LegConds, request: LegRequest) -> None:
         self.pair, self.conds, self.request = pair, conds, request
+        self.unconds: tuple[torch.Tensor, torch.Tensor] | None = None  # (base, adapted) uncond x0 of the last call
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from modules import prompt_parser
@@ -228,6 +229,8 @@ class SourceLegs:
             _run_segments(pair.base, legs[0][1], base_lora, wrapper)
             _run_segments(pair.adapted, legs[1][1], pair.runtime_lora, wrapper, controls)
 
+        if legs[0][2] and legs[1][2]:
+            self.unconds = (legs[0][1][1].out, legs[1][1][1].out)
         results = []
         for conds_list, segments, with_uncond in legs:
             cond_out = segments[0].out

@@ -79,8 +79,8 @@ def test_source_pair_alone_forms_the_delta(webui, scale):
 # --- equivalence with the adapted checkpoint ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "Euler a", "DDIM", "Heun", "DPM++ 2M SDE", "Restart", "UniPC",
-                                     "PLMS", "LCM"])
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "Euler a", "DDIM", "DDIM CFG++", "Heun", "DPM++ 2M SDE",
+                                     "Restart", "UniPC", "PLMS", "LCM"])
 def test_lambda_one_with_target_as_base_reproduces_the_adapted_checkpoint(webui, sampler):
     a, b = webui.models.title("tiny-sd1-a"), webui.models.title("tiny-sd1-b")
     common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name=sampler, steps=6)
