@@ -44,7 +44,8 @@ class ForgeDenoiser:
 
 
 class ForgeCheckpoint(LoadedCheckpoint):
-    """A source checkpoint as a Forge engine: Forge's memory manager places it, so there is nothing to move here."""
+    """A source checkpoint as a Forge engine: Forge's memory manager places it (only the residency setting's "CPU
+    between generations" hands it back to the manager's offload)."""
 
     def free(self) -> None:
         """Take the engine out of Forge's memory manager (which would keep it alive) and drop its weights."""

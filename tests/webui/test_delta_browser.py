@@ -43,43 +43,56 @@ def _pick(driver, elem_id: str, text: str) -> None:
     WebDriverWait(driver, 10, ignored_exceptions=(StaleElementReferenceException,)).until(click_option)
 
 
-def test_accordion_tooltips_and_generation(webui, browser):
+def open_ui_and_check_accordions(driver, url: str) -> None:
+    """Load the UI; the accordion is in both tabs and every control has its tooltip from the parameters model."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     from lib_delta import SETTINGS
 
-    browser.get(webui.url)
-    WebDriverWait(browser, TIMEOUT).until(ec.visibility_of_element_located((By.ID, "txt2img_generate")))
+    driver.get(url)
+    WebDriverWait(driver, TIMEOUT).until(ec.visibility_of_element_located((By.ID, "txt2img_generate")))
     for tab in ("txt2img", "img2img"):
-        assert browser.find_elements(By.ID, f"script_{tab}_delta_sampling_enabled"), f"no accordion in {tab}"
-        # Every control has its tooltip, from the parameters model.
+        assert driver.find_elements(By.ID, f"script_{tab}_delta_sampling_enabled"), f"no accordion in {tab}"
         for setting in SETTINGS:
-            element = browser.find_element(By.ID, f"script_{tab}_delta_sampling_{setting.name}")
+            element = driver.find_element(By.ID, f"script_{tab}_delta_sampling_{setting.name}")
             assert element.get_attribute("title") == setting.help, setting.name
 
-    accordion = browser.find_element(By.ID, "script_txt2img_delta_sampling_enabled")
-    browser.execute_script("arguments[0].scrollIntoView()", accordion)
-    switch = browser.find_element(By.CSS_SELECTOR, "#script_txt2img_delta_sampling_enabled-checkbox input")
+
+def generate_with_pair(driver, source: str, adapted: str) -> str:
+    """Turn DS on in txt2img (opening the accordion does), choose the pair, generate 64x64 in 4 steps; returns the
+    infotext shown under the image once it carries the DS settings."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    accordion = driver.find_element(By.ID, "script_txt2img_delta_sampling_enabled")
+    driver.execute_script("arguments[0].scrollIntoView()", accordion)
+    switch = driver.find_element(By.CSS_SELECTOR, "#script_txt2img_delta_sampling_enabled-checkbox input")
     assert not switch.is_selected()
     accordion.find_element(By.CSS_SELECTOR, ".label-wrap").click()
-    WebDriverWait(browser, 10).until(lambda _: switch.is_selected())
+    WebDriverWait(driver, 10).until(lambda _: switch.is_selected())
 
-    _set_number(browser, "txt2img_width", 64)
-    _set_number(browser, "txt2img_height", 64)
-    _set_number(browser, "txt2img_steps", 4)
-    _pick(browser, "script_txt2img_delta_sampling_source", "tiny-sd1-a")
-    _pick(browser, "script_txt2img_delta_sampling_adapted", "tiny-sd1-b")
-    browser.find_element(By.ID, "txt2img_generate").click()
+    _set_number(driver, "txt2img_width", 64)
+    _set_number(driver, "txt2img_height", 64)
+    _set_number(driver, "txt2img_steps", 4)
+    _pick(driver, "script_txt2img_delta_sampling_source", source)
+    _pick(driver, "script_txt2img_delta_sampling_adapted", adapted)
+    driver.find_element(By.ID, "txt2img_generate").click()
 
-    def infotext(driver):
-        text = driver.find_element(By.ID, "html_info_txt2img").text
+    def infotext(d):
+        text = d.find_element(By.ID, "html_info_txt2img").text
         return text if "Delta scale" in text else False
 
-    text = WebDriverWait(browser, TIMEOUT).until(infotext)
+    text = WebDriverWait(driver, TIMEOUT).until(infotext)
+    assert driver.find_elements(By.CSS_SELECTOR, "#txt2img_gallery img")
+    return text
+
+
+def test_accordion_tooltips_and_generation(webui, browser):
+    open_ui_and_check_accordions(browser, webui.url)
+    text = generate_with_pair(browser, "tiny-sd1-a", "tiny-sd1-b")
     assert "Delta source: tiny-sd1-a" in text and "Delta adapted: tiny-sd1-b" in text
-    assert browser.find_elements(By.CSS_SELECTOR, "#txt2img_gallery img")
 
 
 def test_failure_is_shown_in_the_ui(webui, browser):
