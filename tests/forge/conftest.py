@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 
-from forge_harness import HERE, MISSING, ensure_forge_models, h, start_forge
+from forge_harness import API_AUTH, HERE, MISSING, ensure_forge_models, h, start_forge
 
 _FORGE_KEY = pytest.StashKey[Any]()
-API_AUTH = ("delta", "s3cret")
 
 
 def pytest_collection_modifyitems(config, items):

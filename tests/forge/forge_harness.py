@@ -27,6 +27,7 @@ FORGE_DIR = Path(os.path.expanduser(os.environ.get("FORGE_DIR", "~/stable-diffus
 FORGE_PYTHON = Path(os.path.expanduser(os.environ.get("FORGE_PYTHON", str(FORGE_DIR / "venv" / "bin" / "python"))))
 FORGE_CACHE = h.CACHE_ROOT.parent / "forge-fixtures"
 GENERATOR = HERE / "fixtures" / "make_forge_models.py"
+API_AUTH = ("delta", "s3cret")  # the tier's Forge runs with --api-auth (not in conftest: two tiers have a conftest)
 
 CONFIG = {
     "live_previews_enable": False,  # else the first SDXL generation downloads the SDXL preview VAE

@@ -317,7 +317,7 @@ def test_routes_need_the_api_credentials(forge, method, path):
     do, and serve them with."""
     import requests
 
-    from conftest import API_AUTH
+    from forge_harness import API_AUTH
 
     request = getattr(requests, method)
     url = forge.api(path)
