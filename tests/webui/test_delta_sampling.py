@@ -44,6 +44,17 @@ def assert_same_image(a: str, b: str, what: str) -> None:
     assert peak <= MAX_PIXEL_DIFF and mean <= MEAN_PIXEL_DIFF, f"{what}: mean diff {mean:.4f}, max {peak}"
 
 
+def assert_only_the_masked_square_changed(result_b64: str, off, lo: int, hi: int, margin: int) -> None:
+    """Inpainting with the square mask [lo, hi)^2: outside it the image is ``off``'s (within 1 level); inside, away
+    from the edge by ``margin`` px, DS changed it."""
+    got = image_array(result_b64).astype(int)
+    outside = got.copy()
+    outside[lo:hi, lo:hi] = off[lo:hi, lo:hi]
+    assert abs(outside - off).max() <= 1, "DS changed pixels outside the mask"
+    inner = slice(lo + margin, hi - margin)
+    assert abs(got[inner, inner] - off[inner, inner]).mean() > 1, "DS did nothing inside the mask"
+
+
 def png_b64(img: Image.Image) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -153,11 +164,7 @@ def test_inpainting_changes_only_the_masked_area(webui):
     off = image_array(webui.img2img(webui.payload("tiny-sd1-inpaint", **common))["images"][0]).astype(int)
     res = webui.img2img(webui.payload("tiny-sd1-inpaint", **common,
                                       alwayson_scripts=ds(scale=2.0, source=a, adapted=b)))
-    got = image_array(res["images"][0]).astype(int)
-    outside = got.copy()
-    outside[16:48, 16:48] = off[16:48, 16:48]
-    assert abs(outside - off).max() <= 1, "DS changed pixels outside the mask"
-    assert abs(got[20:44, 20:44] - off[20:44, 20:44]).mean() > 1, "DS did nothing inside the mask"
+    assert_only_the_masked_square_changed(res["images"][0], off, 16, 48, 4)
 
 
 def test_hires_checkpoint_and_refiner_swap_the_target_mid_job(webui):
