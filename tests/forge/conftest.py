@@ -44,17 +44,10 @@ def forge(request, tmp_path_factory) -> h.WebUI:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    rep = outcome.get_result()
-    if rep.failed:
-        ui = item.config.stash.get(_FORGE_KEY, None)
-        if ui is not None:
-            rep.sections.append((f"Forge log (last {h.LOG_TAIL_LINES} lines of {ui.log_path})", ui.log_tail()))
+    h.attach_log_tail(outcome.get_result(), item.config.stash.get(_FORGE_KEY, None), "Forge")
 
 
 @pytest.fixture
 def browser(tmp_path):
-    reason = h.browser_missing_reason()
-    if reason:
-        pytest.skip(reason)
     with h.chromium(tmp_path) as driver:
         yield driver

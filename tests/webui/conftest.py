@@ -21,11 +21,10 @@ import pytest
 
 from webui_harness import (
     HERE,
-    LOG_TAIL_LINES,
     MISSING,
     TinyModels,
     WebUI,
-    browser_missing_reason,
+    attach_log_tail,
     chromium,
     ensure_tiny_models,
     start_webui,
@@ -71,18 +70,11 @@ def webui(request, tiny_models, tmp_path_factory) -> WebUI:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    rep = outcome.get_result()
-    if rep.failed:
-        ui = item.config.stash.get(_WEBUI_KEY, None)
-        if ui is not None:
-            rep.sections.append((f"webui log (last {LOG_TAIL_LINES} lines of {ui.log_path})", ui.log_tail()))
+    attach_log_tail(outcome.get_result(), item.config.stash.get(_WEBUI_KEY, None), "webui")
 
 
 @pytest.fixture
 def browser(tmp_path):
-    reason = browser_missing_reason()
-    if reason:
-        pytest.skip(reason)
     with chromium(tmp_path) as driver:
         yield driver
 

@@ -490,9 +490,20 @@ def browser_missing_reason() -> str | None:
     return None
 
 
+def attach_log_tail(report: Any, ui: WebUI | None, what: str) -> None:
+    """Give a failing test's report the last lines of the webui's (or Forge's) log."""
+    if report.failed and ui is not None:
+        report.sections.append((f"{what} log (last {LOG_TAIL_LINES} lines of {ui.log_path})", ui.log_tail()))
+
+
 @contextlib.contextmanager
 def chromium(tmp_path: Path) -> Iterator[Any]:
-    """A headless Chromium selenium driver (check :func:`browser_missing_reason` first)."""
+    """A headless Chromium selenium driver; the test skips, saying what is missing, without one."""
+    reason = browser_missing_reason()
+    if reason:
+        import pytest
+
+        pytest.skip(reason)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
