@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .sections import replace_section
+from .sections import write_results
 from .webui_bench import _launch, _wait_ready, ensure_mid_models, h, snapshot_tiny
 
 HERE = Path(__file__).resolve().parent
@@ -121,15 +121,13 @@ def main() -> None:
         h.stop_process(ui.process)
     text = table(results)
     print(text)
-    section = (f"### ControlNet on the adapted leg (`python -m bench.controlnet_cost`)\n\n"
-               "Ratios from one run (medians of "
-               f"{args.repeats}), 2-core CPU, fp32, 1 torch thread. \"Legs' forward\": the source UNet's batched "
-               "forward of base cond, base uncond, adapted cond and adapted uncond rows; the unit adds its ControlNet "
-               "on the two adapted rows (on one with \"ControlNet is more important\"). \"Fast path\": that batch "
-               "against the base rows and the adapted rows in two forwards. Generations: time inside `p.sample`, "
-               "DS with target = source base and adapted = base + the unit, lambda 1, Euler, CFG 5.\n\n"
-               f"{text}\n\nRaw: `{json.dumps(results)}`\n")
-    replace_section(Path(args.markdown), "controlnet-cost", section)
+    intro = (f"Ratios from one run (medians of {args.repeats}), 2-core CPU, fp32, 1 torch thread. \"Legs' forward\": "
+             "the source UNet's batched forward of base cond, base uncond, adapted cond and adapted uncond rows; the "
+             "unit adds its ControlNet on the two adapted rows (on one with \"ControlNet is more important\"). \"Fast "
+             "path\": that batch against the base rows and the adapted rows in two forwards. Generations: time inside "
+             "`p.sample`, DS with target = source base and adapted = base + the unit, lambda 1, Euler, CFG 5.")
+    write_results(Path(args.markdown), "controlnet-cost", heading="ControlNet on the adapted leg",
+                  module="bench.controlnet_cost", intro=intro, table=text, raw=results)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "forge"))
 
 import forge_harness as fh  # noqa: E402
-from .sections import replace_section  # noqa: E402
+from .sections import write_results  # noqa: E402
 from .webui_bench import SUPPORT, SUPPORT_NAME  # noqa: E402
 
 
@@ -123,12 +123,10 @@ def main() -> None:
     raw = {"median_s": med, "memory": memory, "orchestration": orchestration, "orchestration_no_encode": no_encode,
            "encode_ms": encode_ms, "off_nonforward_s": off_nonfwd}
     print(json.dumps(raw))
-    section = (f"### Forge (`python -m bench.forge_bench`)\n\nForge main (dfdcbab) on this 2-core CPU, "
-               f"SD1.5 Forge fixtures (UNet 44 M parameters), 64x64, Euler, 8 steps; medians of {args.rounds} rounds "
-               "of whole-request wall times. Memory: status bytes after one generation of each kind (a fresh load "
-               "each).\n\n"
-               f"{text}\n\nRaw: `{json.dumps(raw)}`\n")
-    replace_section(Path(args.markdown), "forge", section)
+    write_results(Path(args.markdown), "forge", heading="Forge", module="bench.forge_bench",
+                  intro=f"Forge main (dfdcbab) on this 2-core CPU, SD1.5 Forge fixtures (UNet 44 M parameters), 64x64, "
+                  f"Euler, 8 steps; medians of {args.rounds} rounds of whole-request wall times. Memory: status bytes "
+                  "after one generation of each kind (a fresh load each).", table=text, raw=raw)
 
 
 if __name__ == "__main__":
