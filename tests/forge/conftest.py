@@ -7,7 +7,6 @@ the last lines of its log are attached to the report.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,12 +17,7 @@ _FORGE_KEY = pytest.StashKey[Any]()
 
 
 def pytest_collection_modifyitems(config, items):
-    if MISSING is None:
-        return
-    marker = pytest.mark.skip(reason=MISSING)
-    for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(marker)
+    h.skip_tier_without_host(items, HERE, MISSING)
 
 
 @pytest.fixture(scope="module")  # heavy tiers run one at a time: Forge is gone before the A1111 tiers start

@@ -14,7 +14,6 @@ Everything in tests/webui skips with one line when no webui is found. Session fi
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from webui_harness import (
     attach_log_tail,
     chromium,
     ensure_tiny_models,
+    skip_tier_without_host,
     start_webui,
     stop_process,
 )
@@ -37,12 +37,7 @@ _TIMES_KEY = pytest.StashKey[dict]()
 
 
 def pytest_collection_modifyitems(config, items):
-    if MISSING is None:
-        return
-    marker = pytest.mark.skip(reason=MISSING)
-    for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(marker)
+    skip_tier_without_host(items, HERE, MISSING)
 
 
 @pytest.fixture(scope="session")

@@ -490,6 +490,18 @@ def browser_missing_reason() -> str | None:
     return None
 
 
+def skip_tier_without_host(items: list, tier_dir: Path, missing: str | None) -> None:
+    """Mark every collected test under ``tier_dir`` skipped with the one-line reason its host is ``missing``."""
+    if missing is None:
+        return
+    import pytest
+
+    marker = pytest.mark.skip(reason=missing)
+    for item in items:
+        if tier_dir in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(marker)
+
+
 def attach_log_tail(report: Any, ui: WebUI | None, what: str) -> None:
     """Give a failing test's report the last lines of the webui's (or Forge's) log."""
     if report.failed and ui is not None:
