@@ -125,7 +125,9 @@ def controlnet_residuals(
     # Forge's blocks take a transformer_options dict and write into it: give each call a fresh one (its default
     # argument is one shared dict); ldm's and sgm's blocks take no such argument.
     extra = (lambda: {"transformer_options": {}}) if takes_control(unet_module) else dict
-    emb = net.time_embed(unet_module.timestep_embedding(timesteps, net.model_channels, repeat_only=False))
+    # Forge's timestep_embedding returns fp32 (its UNet casts it to x's dtype itself); A1111's patched one returns
+    # the UNet's dtype: in the network's dtype either way
+    emb = net.time_embed(unet_module.timestep_embedding(timesteps, net.model_channels, repeat_only=False).to(x.dtype))
     if net.has_label_emb:
         if y is None:
             raise ControlNetFileError("this ControlNet has a label embedding (SDXL) and needs the vector conditioning")
@@ -221,6 +223,11 @@ def controlled_forward(
             if picked.numel() == 0:
                 continue
             net_param = next(control.net.parameters())
+            if net_param.device != x.device:
+                # Built while its UNet waited on the CPU (Forge's offload device), or left there by a host's memory
+                # manager: the network goes where the UNet computes (once; it stays there)
+                control.net.to(x.device)
+                net_param = next(control.net.parameters())
             hint = control.hint.to(device=x.device, dtype=net_param.dtype).expand(picked.numel(), -1, -1, -1)
             residuals = controlnet_residuals(
                 control.net, x[picked].to(net_param.dtype), timesteps[picked],

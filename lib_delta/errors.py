@@ -22,3 +22,11 @@ class ParamError(DeltaSamplingError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class OutOfMemory(DeltaSamplingError):
+    """The GPU ran out of memory in Delta Sampling's part of a generation (loading the source pair, or a leg). It
+    answers with the status the host gives its own out-of-memory errors (500), as one line without a traceback: the
+    message says what was freed and what to change."""
+
+    http_status = 500

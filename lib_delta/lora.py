@@ -130,6 +130,8 @@ def _near_miss(parts: Mapping[str, Tensor]) -> str:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Deltas are built in at least fp32: an fp16 product of factors loses more than the final rounding does.
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        return torch.float32  # fp8 storage (torch refuses to promote float8 types)
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -344,7 +346,9 @@ class ModuleDelta:
                 f"module {self.path} is a {type(module).__name__}; the webui applies networks to Linear, Conv2d, "
                 "GroupNorm, LayerNorm and MultiheadAttention q/k/v slices only"
             )
-        return module.weight
+        # The webui's fp8 storage with "cache fp16 weight for LoRA": its LoRA code reads the fp16 copy, not q(W)
+        fp16_weight = getattr(module, "fp16_weight", None)
+        return module.weight if fp16_weight is None else fp16_weight.to(module.weight.device)
 
     def webui_skips(self, module: nn.Module) -> str | None:
         """Why the webui fails to apply this delta to ``module`` and skips the layer (a ``RuntimeError`` it logs at

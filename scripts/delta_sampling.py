@@ -26,7 +26,7 @@ class DeltaSamplingScript(scripts.Script):
         hooks.begin_job(p, args)
 
     def process_before_every_sampling(self, p, *args, **kwargs):  # Forge only
-        hooks.before_sampling(p)
+        hooks.before_sampling(p, kwargs.get("x"))
 
     def postprocess(self, p, processed, *args):
         hooks.end_job(p)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,9 +44,12 @@ class ForgeDenoiser:
         return unet.model.apply_model(x.to(device), sigma.to(device), **kwargs).to(x.device)
 
 
+@dataclass
 class ForgeCheckpoint(LoadedCheckpoint):
     """A source checkpoint as a Forge engine: Forge's memory manager places it (only the residency setting's "CPU
     between generations" hands it back to the manager's offload)."""
+
+    net_patchers: dict[int, Any] = field(default_factory=dict)  # id(ControlNet) -> its ModelPatcher
 
     def free(self) -> None:
         """Take the engine out of Forge's memory manager (which would keep it alive) and drop its weights."""
@@ -59,12 +63,44 @@ class ForgeCheckpoint(LoadedCheckpoint):
             module.to(device="meta")
 
     def _managed(self) -> list[Any]:
-        """The memory manager's entries (``LoadedModel``) for this engine's UNet and text encoder."""
+        """The memory manager's entries (``LoadedModel``) for this engine's UNet, text encoder and ControlNets."""
         from backend import memory_management
 
         objects = self.model.forge_objects
         patchers = {id(objects.unet), id(objects.clip.patcher)}
+        patchers.update(id(p) for p in self.net_patchers.values())
         return [m for m in memory_management.current_loaded_models if id(m.model) in patchers]
+
+    def net_patcher(self, net: torch.nn.Module) -> Any:
+        """The memory manager's handle of a ControlNet built for this engine (one per network, made once: a new one
+        per sampling would be a new entry in the manager for the same weights)."""
+        from backend.patcher.base import ModelPatcher
+
+        patcher = self.net_patchers.get(id(net))
+        if patcher is None or patcher.model is not net:
+            unet = self.model.forge_objects.unet
+            patcher = ModelPatcher(net, load_device=unet.load_device, offload_device=unet.offload_device)
+            self.net_patchers[id(net)] = patcher
+        return patcher
+
+    def release(self) -> None:
+        from backend import memory_management
+
+        managed_nets = {id(p) for p in self.net_patchers.values()}
+        for loaded in [m for m in memory_management.current_loaded_models if id(m.model) in managed_nets]:
+            memory_management.current_loaded_models.remove(loaded)
+        self.net_patchers.clear()
+        super().release()
+
+    @property
+    def packed_storage(self) -> str | None:
+        """Forge's quantised storage (nf4/fp4 through bitsandbytes, GGUF): its weights are packed bytes, not values."""
+        for module in self.unet.modules():
+            weight = getattr(module, "weight", None)
+            kind = type(weight).__name__
+            if weight is not None and ("GGUF" in kind or "4bit" in kind or not weight.dtype.is_floating_point):
+                return f"{kind} ({weight.dtype})"
+        return None
 
     @contextlib.contextmanager
     def on_compute_device(self) -> Iterator[None]:
@@ -199,3 +235,24 @@ def install(cache: Any) -> None:
 
     cache.loader = load_checkpoint
     register_linear_type(ForgeOperations.Linear)
+
+
+def register_for_sampling(target_unet: Any, engines: list[ForgeCheckpoint], nets: list[torch.nn.Module],
+                          x: torch.Tensor | None, batched_pair: bool) -> None:
+    """Tell Forge's memory manager, for one sampling, about everything the source legs use: the engines' UNets, the
+    adapted leg's ControlNets, and the activation memory the legs' forwards need beyond the target's own (Forge
+    reserves it for the target's ``[2B, C, H, W]`` only; a batched LoRA pair runs ``4B`` rows)."""
+    for engine in engines:
+        target_unet.add_extra_model_patcher_during_sampling(engine.model.forge_objects.unet)
+    owner = engines[-1]  # the adapted leg's engine holds the ControlNets
+    for net in nets:
+        target_unet.add_extra_model_patcher_during_sampling(owner.net_patcher(net))
+    if x is None:
+        return
+    batch, _, height, width = x.shape
+    rows = batch * (4 if batched_pair else 2)
+    target_needs = target_unet.memory_required([batch * 2, *x.shape[1:]])
+    legs_need = max(e.model.forge_objects.unet.memory_required([rows, e.latent_format.channels, height, width])
+                    for e in engines)
+    if legs_need > target_needs:
+        target_unet.add_extra_preserved_memory_during_sampling(int(legs_need - target_needs))

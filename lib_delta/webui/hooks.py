@@ -33,7 +33,7 @@ from fastapi.exceptions import HTTPException
 
 from ..control_units import ControlStack, decode_image, forge_soft_middle
 from ..delta import source_delta
-from ..errors import DeltaSamplingError, ParamError
+from ..errors import DeltaSamplingError, OutOfMemory, ParamError
 from ..latent import LatentFormat, LatentMap
 from ..params import INFOTEXT_KEYS as PARAMS_INFOTEXT_KEYS
 from ..params import UNIT_INFOTEXT_KEYS, DeltaParams
@@ -41,7 +41,7 @@ from ..resolution import LATENT_CELL, pooled_size, pooling_factor
 from ..schedule import LambdaSchedule, guard_delta
 from ..timesteps import DiscreteSchedule, vp_to_ve, x0_delta_to_eps
 from .legs import LegConds, LegRequest, PromptSet, SourceLegs, encode_legs
-from .source_models import CACHE, SourcePair, latent_format_of
+from .source_models import CACHE, OFFLOAD, SourcePair, latent_format_of
 
 JOB_ATTR = "delta_sampling_job"
 XYZ_ATTR = "delta_sampling_xyz"
@@ -52,8 +52,9 @@ INFOTEXT_KEYS = [*PARAMS_INFOTEXT_KEYS, "Delta LoRA hashes", SKIPPED_KEYS_INFOTE
 
 
 class RequestError(DeltaSamplingError, HTTPException):
-    """A Delta Sampling error the request caused (a bad setting, file or name): the webui's API handler answers an
-    HTTPException with its status and message and prints no traceback for it; internal errors keep theirs."""
+    """A Delta Sampling error with a known cause (the request's: a bad setting, file or name; or the GPU out of
+    memory): the webui's API handler answers an HTTPException with its status and message and prints no traceback for
+    it; internal errors keep theirs."""
 
     def __init__(self, message: str, status_code: int = 422) -> None:
         DeltaSamplingError.__init__(self, message)
@@ -117,6 +118,7 @@ class DeltaJob:
                                      "controlnet_calls": self.controls.calls if self.controls else 0,
                                      "skipped_calls": self.skipped_calls,
                                      "encode_seconds": round(self.encode_seconds, 4),
+                                     **OFFLOAD.take_counts(),  # --lowvram/--medvram: source models' visits
                                      "failed": self.error is not None}
         if self.pair is not None:
             self.pair.release()
@@ -148,6 +150,7 @@ def begin_job(p: Any, args: tuple) -> None:
         return
     job = DeltaJob(params)
     _install(p, job)
+    OFFLOAD.take_counts()  # this generation's counts start here
     if not params.effective:
         p.extra_generation_params.update(params.infotext())
         return
@@ -189,16 +192,20 @@ def host() -> Any:
     return detect()
 
 
-def before_sampling(p: Any) -> None:
+def before_sampling(p: Any, x: torch.Tensor | None = None) -> None:
     """Forge only (its ``process_before_every_sampling``, after ``forge_objects`` was reset for this sampling): tell
-    the memory manager about the source engines, so it loads them with the target instead of evicting one for the
-    other at every step."""
+    the memory manager about the source engines, their ControlNets and the legs' activation memory, so it loads them
+    with the target instead of evicting one for the other at every step."""
     job = getattr(p, JOB_ATTR, None)
     if job is None or job.pair is None or not host().forge:
         return
+    from ..forge.source_models import register_for_sampling
+
+    pair = job.pair
     unet = p.sd_model.forge_objects.unet.clone()
-    for loaded in {id(c): c for c in (job.pair.base, job.pair.adapted)}.values():
-        unet.add_extra_model_patcher_during_sampling(loaded.model.forge_objects.unet)
+    engines = list({id(c): c for c in (pair.base, pair.adapted)}.values())
+    register_for_sampling(unet, engines, [net for _, net, _ in pair.controls], x,
+                          batched_pair=pair.shares_weights and job.params.batch_legs and not job.params.cond_only)
     p.sd_model.forge_objects.unet = unet
 
 
@@ -289,8 +296,15 @@ def _install(p: Any, job: DeltaJob) -> None:
 def _public_error(exc: BaseException) -> BaseException:
     """The error as users see it: a :class:`RequestError` for DS errors the request caused (status < 500), DS's
     other errors as they are, anything else wrapped with context."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        count = CACHE.unload()  # the next generation starts from an empty cache instead of failing the same way
+        exc = OutOfMemory(
+            f"out of GPU memory in the source legs: {str(exc).splitlines()[0] if str(exc) else 'no details'}. "
+            f"{count} source model(s) were unloaded. Lower the resolution or the batch size, set the legs' resolution "
+            "to native, use a LoRA pair (one model), or start the webui with --medvram"
+        )
     if isinstance(exc, DeltaSamplingError):
-        if exc.status_code < 500:
+        if exc.status_code < 500 or isinstance(exc, OutOfMemory):
             return RequestError.from_error(exc)
         return exc
     wrapped = DeltaSamplingError(f"Delta Sampling failed: {type(exc).__name__}: {exc}")

@@ -3,6 +3,8 @@ exist only once the settings UI has been built."""
 
 from __future__ import annotations
 
+from .precision import CHOICES
+
 RESIDENCY = ("gpu", "cpu", "unload")
 
 
@@ -22,8 +24,9 @@ def _add_options() -> None:
         section=section,
     ).info("gpu: fastest next generation; cpu: frees VRAM, costs a copy per generation; unload: frees everything"))
     shared.opts.add_option("delta_sampling_dtype", shared.OptionInfo(
-        "auto", "Source model precision", gr.Radio, {"choices": ["auto", "float32"]}, section=section,
-    ).info("auto follows the webui (fp16 on CUDA, fp32 on CPU or with --no-half)"))
+        "auto", "Source model precision", gr.Radio, {"choices": list(CHOICES)}, section=section,
+    ).info("auto: stored as the webui stores its model (fp16 unless --no-half, fp8 weights with 'FP8 weight'); "
+           "float32: full precision whatever the webui uses (more memory). A1111 only: Forge's loader decides"))
     shared.opts.add_option("delta_sampling_cache_size", shared.OptionInfo(
         2, "Source checkpoints kept loaded", gr.Slider, {"minimum": 1, "maximum": 6, "step": 1}, section=section,
     ).info("least recently used ones are freed first; a LoRA pair needs 1, a checkpoint pair 2"))

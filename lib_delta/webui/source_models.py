@@ -10,7 +10,8 @@ RuntimeLora`), so both legs can be evaluated in one batched forward. Two checkpo
 identical in both (often the text encoders).
 
 :data:`CACHE` is the one owner of loaded source models: it keeps up to ``delta_sampling_cache_size`` checkpoints
-between generations (LRU), keyed by file, size, mtime, device and dtype, and frees them on :meth:`SourceCache.unload`.
+between generations (LRU), keyed by file, size, mtime and precision (:mod:`.precision`), and frees them on
+:meth:`SourceCache.unload`.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ import torch
 from ..control_units import ControlUnit
 from ..controlnet import ControlNet, build_controlnet, expand_control_lora
 from ..controlnet_files import ControlNetFileError, read_controlnet
-from ..errors import DeltaSamplingError
+from ..errors import DeltaSamplingError, OutOfMemory
 from ..latent import LATENT_FORMATS, LatentFormat
 from ..lora import LoraError, LoraMisfitError, LoraNetwork, MergedLora, RuntimeLora, merge, parse_network
 from ..lora_keys import layers_named_per_family
 from ..params import DeltaParams, LoraSpec
+from ..residency import Offloader
+from .precision import Precision, Storage, current_precision, leg_precision, store_fp8
 
 CONTROLNETS_PER_CHECKPOINT = 4
 
@@ -225,21 +228,22 @@ class LoadedCheckpoint:
     lora_cache: dict[tuple, LoraNetwork] = field(default_factory=dict)
     runtime_lora: RuntimeLora | None = None  # hooks currently installed on this model (at most one set)
     offload: bool = False  # --lowvram/--medvram: wait on the CPU, visit the GPU for each forward
+    storage: Storage | None = None  # A1111: how the weights are stored (None: the host's loader decided, Forge)
     _lcm_denoiser: torch.nn.Module | None = None
 
     @contextlib.contextmanager
     def on_compute_device(self) -> Iterator[None]:
-        """Under --lowvram/--medvram, bring the model to the GPU for the duration of the block, then back."""
-        if not self.offload:
-            yield
-            return
-        from modules import devices
+        """The model ready to compute for the block: the webui's precision globals set to its own storage
+        (:func:`.precision.leg_precision`), and under --lowvram/--medvram the model visiting the GPU
+        (:data:`OFFLOAD`)."""
+        with leg_precision(self.storage):
+            if not self.offload:
+                yield
+                return
+            from modules import devices
 
-        self.move(devices.device)
-        try:
-            yield
-        finally:
-            self.move(devices.cpu)
+            with OFFLOAD.visit(self, devices.device, devices.cpu):
+                yield
 
     @property
     def title(self) -> str:
@@ -254,9 +258,15 @@ class LoadedCheckpoint:
         return self.model.model.diffusion_model
 
     @property
+    def packed_storage(self) -> str | None:
+        """What a quantised storage packs its weights as (Forge: nf4/fp4/GGUF), or None: LoRA deltas and control-LoRA
+        expansion read weights as values, which packed bytes are not. fp8 is not packed (it is upcast)."""
+        return None
+
+    @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype the UNet computes in (ControlNets are built in it)."""
-        return next(self.unet.parameters()).dtype
+        """The dtype the UNet computes in (ControlNets are built in it): its storage dtype, never fp8."""
+        return self.storage.dtype if self.storage is not None else next(self.unet.parameters()).dtype
 
     def controlnet(self, name: str, filename: str) -> ControlNet:
         """The ControlNet in ``filename`` built for this checkpoint's UNet (cached; at most
@@ -268,6 +278,7 @@ class LoadedCheckpoint:
             try:
                 cn = read_controlnet(state_dict, name)
                 if cn.kind == "control_lora":
+                    _refuse_packed(self, f"the control-LoRA {name}")
                     cn = expand_control_lora(cn, self.unet.state_dict())
                 net = build_controlnet(self.unet, self.unet_kwargs, cn, device=self.device, dtype=self.compute_dtype,
                                        source=self.info.name, source_family=self.family)
@@ -400,6 +411,18 @@ def _wrap_text_encoders(model: Any) -> None:
         raise SourceModelError(f"unsupported text encoder {type(encoder).__name__} in a source checkpoint")
 
 
+def _send_webui_models_out() -> None:
+    """The webui's module that stays on the GPU after its forward under --medvram/--lowvram goes to the CPU."""
+    from modules import lowvram
+
+    lowvram.send_everything_to_cpu()
+
+
+OFFLOAD = Offloader(send_host_out=_send_webui_models_out)
+"""The low-VRAM policy of every source model (:mod:`lib_delta.residency`); its counts go into each generation's
+status (``last_generation``)."""
+
+
 def low_vram_mode(family: str | None = None) -> bool:
     """The webui runs with --lowvram or --medvram (or --medvram-sdxl and an SDXL model)."""
     from modules import shared
@@ -409,17 +432,9 @@ def low_vram_mode(family: str | None = None) -> bool:
                 or (getattr(opts, "medvram_sdxl", False) and family == "sdxl"))
 
 
-def target_dtype() -> torch.dtype:
-    """The dtype source weights are stored in: the webui's UNet dtype unless the setting asks for float32."""
-    from modules import devices, shared
-
-    if getattr(shared.opts, "delta_sampling_dtype", "auto") == "float32" or getattr(shared.cmd_opts, "no_half", False):
-        return torch.float32
-    return devices.dtype_unet
-
-
-def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> LoadedCheckpoint:
-    """Build one source model from a checkpoint file; on failure nothing stays allocated."""
+def load_checkpoint(info: Any, device: torch.device, precision: Precision) -> LoadedCheckpoint:
+    """Build one source model from a checkpoint file, stored as the webui stores its own models at ``precision``
+    (fp8 weights included); on failure nothing stays allocated."""
     import k_diffusion.external
     from modules import sd_disable_initialization, sd_models, sd_models_config, sd_models_xl, shared
     from omegaconf import OmegaConf
@@ -437,6 +452,9 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Load
         config = OmegaConf.load(config_path)
         sd_models.repair_config(config, state_dict)
         unet_config = config.model.params.get("unet_config") or config.model.params.get("network_config")
+        if precision.dtype == torch.float32 and unet_config.params.get("use_fp16"):
+            # repair_config sets it under --precision half / --upcast-sampling: the UNet would cast its input to fp16
+            unet_config.params.use_fp16 = False
         unet_kwargs = OmegaConf.to_container(unet_config.params, resolve=True)
         for key in [k for k in state_dict if k.startswith("first_stage_model.")]:
             del state_dict[key]  # the VAE is never needed for DS
@@ -449,7 +467,10 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Load
         if model.is_sdxl:
             sd_models_xl.extend_sdxl(model)
         _refuse_unusable(model, info)
+        storage = precision.storage(bool(model.is_sdxl))
+        dtype = storage.dtype
         conversion = None if dtype == torch.float32 else {"first_stage_model": None, "alphas_cumprod": None, "": dtype}
+
         with sd_disable_initialization.LoadStateDictOnMeta(state_dict, device="cpu",
                                                            weight_dtype_conversion=conversion):
             model.load_state_dict(state_dict, strict=False)
@@ -465,6 +486,8 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Load
         model.to(dtype)
         model.alphas_cumprod = alphas.float()
         model.alphas_cumprod_original = model.alphas_cumprod
+        if storage.fp8:
+            store_fp8(model, storage.fp16_copy)
         sd_models.apply_alpha_schedule_override(model)  # the same schedule override the target gets
         model.lowvram = False
         model.is_sdxl_inpaint = False  # _refuse_unusable let only 4-channel UNets through
@@ -483,13 +506,14 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Load
         return LoadedCheckpoint(
             info=info, model=model, denoiser=denoiser, family=model_family(model),
             latent_format=latent_format_of(model), load_seconds=time.perf_counter() - started,
-            text_encoder_root=text_root, lora_view=lora_view, unet_kwargs=unet_kwargs,
+            text_encoder_root=text_root, lora_view=lora_view, unet_kwargs=unet_kwargs, storage=storage,
         )
     except torch.cuda.OutOfMemoryError as exc:
         _discard(model)
-        raise SourceModelError(
-            f"out of GPU memory while loading {info.name}. Free memory (Delta Sampling settings: keep source models "
-            "on CPU between generations, or unload them), use smaller checkpoints, or start the webui with --medvram"
+        raise OutOfMemory(
+            f"out of GPU memory while loading the source checkpoint {info.name} (nothing of it stays loaded). Free "
+            "memory (Delta Sampling settings: keep source models on CPU between generations, or unload them), use "
+            "smaller checkpoints, or start the webui with --medvram"
         ) from exc
     except SourceModelError:
         _discard(model)
@@ -545,8 +569,19 @@ def share_identical_tensors(keep: torch.nn.Module, other: torch.nn.Module) -> in
 # --- LoRA networks -------------------------------------------------------------------------------------------------
 
 
+def _refuse_packed(checkpoint: LoadedCheckpoint, what: str) -> None:
+    packed = checkpoint.packed_storage
+    if packed is not None:
+        raise SourceModelError(
+            f"{what} cannot be applied to {checkpoint.info.name}: its UNet weights are stored quantised as {packed}, "
+            "packed bytes that a delta cannot be built from or added to. Set Forge's 'Diffusion in Low Bits' to "
+            "Automatic, fp16 or fp8 for the source, or use a checkpoint stored in fp16/fp8"
+        )
+
+
 def load_lora(checkpoint: LoadedCheckpoint, spec: LoraSpec) -> LoraNetwork:
     """Parse a LoRA/LyCORIS file for a loaded source checkpoint (cached per file and checkpoint)."""
+    _refuse_packed(checkpoint, f"loras: {spec.name}")
     on_disk = resolve_lora(spec.name)
     key = _file_key(on_disk.filename)
     cached = checkpoint.lora_cache.get(key)
@@ -667,18 +702,18 @@ class SourceCache:
 
         return max(1, int(getattr(shared.opts, "delta_sampling_cache_size", 2)))
 
-    def checkpoint(self, info: Any, device: torch.device, dtype: torch.dtype, pinned: set[tuple]) -> tuple[
+    def checkpoint(self, info: Any, device: torch.device, precision: Precision, pinned: set[tuple]) -> tuple[
             LoadedCheckpoint, bool]:
         """A loaded checkpoint from the cache, or loaded now; returns (checkpoint, loaded_now)."""
         from modules import devices
 
-        key = (*_file_key(info.filename), str(dtype))
+        key = (*_file_key(info.filename), precision.key)
         with self._lock:
             loaded = self._models.get(key)
             fresh = loaded is None
             if fresh:
                 self._evict(keep=pinned, room_for=1)
-                loaded = self.loader(info, devices.cpu if low_vram_mode() else device, dtype)
+                loaded = self.loader(info, devices.cpu if low_vram_mode() else device, precision)
                 self._models[key] = loaded
             self._models.move_to_end(key)
             # Deliberate policy under --lowvram/--medvram: the pair waits on the CPU and each leg visits the GPU
@@ -704,22 +739,22 @@ class SourceCache:
         """The source pair for ``params``: loads what the cache lacks, nothing when it has everything."""
         from modules import devices
 
-        device, dtype = devices.device, target_dtype()
+        device, precision = devices.device, current_precision()
         base_info = resolve_checkpoint(params.source, "source")
         adapted_info = resolve_checkpoint(params.adapted, "adapted") if params.adapted else None
         if adapted_info is not None and adapted_info.filename == base_info.filename and not params.loras:
             adapted_info = None  # base == adapted: the delta is exactly 0
         loaded_now: list[str] = []
         with self._lock:
-            pinned = {(*_file_key(base_info.filename), str(dtype))}
+            pinned = {(*_file_key(base_info.filename), precision.key)}
             if adapted_info is not None:
-                pinned.add((*_file_key(adapted_info.filename), str(dtype)))
-            base, fresh = self.checkpoint(base_info, device, dtype, pinned)
+                pinned.add((*_file_key(adapted_info.filename), precision.key))
+            base, fresh = self.checkpoint(base_info, device, precision, pinned)
             if fresh:
                 loaded_now.append(base.title)
             adapted = base
             if adapted_info is not None and adapted_info.filename != base_info.filename:
-                adapted, fresh = self.checkpoint(adapted_info, device, dtype, pinned)
+                adapted, fresh = self.checkpoint(adapted_info, device, precision, pinned)
                 if fresh:
                     loaded_now.append(adapted.title)
                     if isinstance(adapted.model, torch.nn.Module):  # a Forge engine is not one module
@@ -792,7 +827,8 @@ class SourceCache:
                     "title": loaded.title,
                     "family": loaded.family,
                     "device": str(loaded.device),
-                    "dtype": str(next(loaded.unet.parameters()).dtype).replace("torch.", ""),
+                    "dtype": str(loaded.storage) if loaded.storage is not None
+                    else str(next(loaded.unet.parameters()).dtype).replace("torch.", ""),
                     "bytes": loaded.nbytes(seen),
                     "load_seconds": round(loaded.load_seconds, 3),
                     "loras_parsed": [net.name for net in loaded.lora_cache.values()],

@@ -362,7 +362,7 @@ class WebUI:
         return self.process.poll() is None
 
 
-def make_data_dir(data_dir: Path, models: TinyModels, default: Checkpoint) -> Path:
+def make_data_dir(data_dir: Path, models: TinyModels, default: Checkpoint, config: dict | None = None) -> Path:
     """Lay out a webui --data-dir: models (symlinks), LoRAs, extensions, config.json. Returns the extension path."""
     sd_dir = data_dir / "models" / "Stable-diffusion"
     lora_dir = data_dir / "models" / "Lora"
@@ -389,16 +389,21 @@ def make_data_dir(data_dir: Path, models: TinyModels, default: Checkpoint) -> Pa
     hashes = {f"checkpoint/{c.file}": {"mtime": os.path.getmtime(c.path), "sha256": c.sha256}
               for c in models.checkpoints.values()}
     (data_dir / "cache.json").write_text(json.dumps({"hashes": hashes}))
-    config = dict(BASE_CONFIG, sd_model_checkpoint=default.title)
-    (data_dir / "config.json").write_text(json.dumps(config, indent=1))
+    settings = dict(BASE_CONFIG, sd_model_checkpoint=default.title, **(config or {}))
+    (data_dir / "config.json").write_text(json.dumps(settings, indent=1))
     return ext
 
 
-def webui_command(port: int, data_dir: Path, default: Checkpoint, extra: list[str] | None = None) -> list[str]:
+FULL_PRECISION = ("--no-half", "--precision", "full")
+"""The tiers' default; tests/webui/test_delta_precision.py runs ``--precision half`` (an fp16 UNet, no autocast)."""
+
+
+def webui_command(port: int, data_dir: Path, default: Checkpoint, extra: list[str] | None = None,
+                  precision: tuple[str, ...] = FULL_PRECISION) -> list[str]:
     return [
         str(WEBUI_PYTHON), "launch.py",
         "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
-        "--use-cpu", "all", "--no-half", "--precision", "full",
+        "--use-cpu", "all", *precision,
         "--api", "--port", str(port), "--server-name", "127.0.0.1",
         "--no-download-sd-model", "--data-dir", str(data_dir),
         "--ckpt-dir", str(data_dir / "models" / "Stable-diffusion"),
@@ -422,14 +427,16 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 def start_webui(models: TinyModels, data_dir: Path, default_name: str = "tiny-sd1-a",
-                extra_args: list[str] | None = None, auth: tuple[str, str] | None = None) -> WebUI:
+                extra_args: list[str] | None = None, auth: tuple[str, str] | None = None, *,
+                precision: tuple[str, ...] = FULL_PRECISION, config: dict | None = None) -> WebUI:
+    """``config``: settings over the tier's pinned ones in config.json (``fp8_storage``, say)."""
     import requests
 
     default = models.checkpoints[default_name]
-    ext = make_data_dir(data_dir, models, default)
+    ext = make_data_dir(data_dir, models, default, config)
     port = free_port()
     log_path = data_dir / "webui.log"
-    cmd = webui_command(port, data_dir, default, extra_args)
+    cmd = webui_command(port, data_dir, default, extra_args, precision)
     t0 = time.monotonic()
     with open(log_path, "wb") as logf:
         logf.write(("$ " + " ".join(cmd) + "\n").encode())

@@ -30,6 +30,7 @@ class DirectControlNet(scripts.Script):
     def process(self, p, *args):
         if not args or not isinstance(args[0], dict) or not args[0].get("units"):
             return
+        from modules import devices
         from omegaconf import OmegaConf
 
         from lib_delta.control_units import ControlStack, decode_image, parse_units
@@ -45,7 +46,8 @@ class DirectControlNet(scripts.Script):
         for unit in parse_units(args[0]["units"]):
             name, filename = resolve_controlnet(unit.model)
             cn = read_controlnet(read_checked_state_dict(filename, "ControlNet"), name)
-            net = build_controlnet(unet, kwargs, cn, dtype=next(unet.parameters()).dtype)
+            # the UNet's compute dtype (its weights may be stored as fp8)
+            net = build_controlnet(unet, kwargs, cn, dtype=devices.dtype_unet)
             image = unit.image if unit.image is not None else p.init_images[0]
             entries.append((unit, net, decode_image(image)))
         setattr(p, ATTR, (ControlStack(entries), unet))

@@ -10,6 +10,10 @@ them with ``lib_delta`` for the loaded checkpoint's UNet; report a fingerprint o
 GET /delta-test/controlnet-invariants: build ControlNets (``lib_delta.controlnet``) for the currently loaded
 checkpoint's UNet, made in-process from that UNet's own weights, and report the invariants of
 tests/webui/test_delta_controlnet_core.py as numbers (max differences, first changed decoder block).
+
+POST /delta-test/inject-oom?where=load|leg: reproduce a GPU running out of memory on this CPU-only machine. The next
+source-model load (``where=load``: after its weights are in, inside the loader, so the clean-up is exercised) or the
+next source-leg forward (``where=leg``) raises ``torch.cuda.OutOfMemoryError``, once.
 """
 
 from fastapi import HTTPException
@@ -200,6 +204,27 @@ def _on_app_started(demo, app):
     app.add_api_route("/delta-test/controlnet-build", _controlnet_build, methods=["GET"])
     app.add_api_route("/delta-test/lora-match/{name}", _lora_match, methods=["GET"])
     app.add_api_route("/delta-test/controlnet-invariants", _controlnet_invariants, methods=["GET"])
+    app.add_api_route("/delta-test/inject-oom", _inject_oom, methods=["POST"])
+
+
+def _inject_oom(where: str):
+    import torch
+
+    from lib_delta.webui import legs, source_models
+
+    targets = {"load": (source_models, "_wrap_text_encoders"), "leg": (legs, "_run_segments")}
+    if where not in targets:
+        raise HTTPException(status_code=404, detail=f"where: one of {sorted(targets)}")
+    module, name = targets[where]
+    original = getattr(module, name)
+
+    def fail_once(*args, **kwargs):
+        setattr(module, name, original)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
+                                          "delta-test-support)")
+
+    setattr(module, name, fail_once)
+    return {"armed": where}
 
 
 script_callbacks.on_app_started(_on_app_started)
