@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_delta.lora import LoraError, RuntimeLora, merge, parse_network
+from lib_delta.lora import LoraError, RuntimeLora, dense_delta, merge, parse_network
 from lib_delta.lora_keys import compvis_to_kohya
 
 from test_lora import build as build_tree
@@ -377,3 +377,35 @@ def test_weight_bias_part_is_added_to_the_unscaled_updown():
           f"{k}.bias": bias}
     expected = weight_of(model, FF_OUT) + 0.8 * 0.5 * (up @ down + bias)
     check_merged_and_runtime(model, FF_OUT, sd, expected)
+
+
+# --- fp8 storage ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fp16_copy", [False, True])
+def test_weight_dependent_delta_on_fp8_weights(fp16_copy):
+    """The webui's fp8 storage: torch cannot promote float8 types, so a weight-dependent delta (IA3) is built from the
+    weight upcast to float32; with the webui's "cache fp16 weight for LoRA" copy it is built from that copy, as the
+    webui's own LoRA code builds it. Under CPU autocast (the webui's fp8 path) the runtime hook then runs."""
+    model = model_with(FF_OUT)
+    module = model.get_submodule(FF_OUT)
+    module.float()
+    if fp16_copy:
+        module.fp16_weight = module.weight.detach().clone().half()
+    module.to(torch.float8_e4m3fn)
+    w = rand(6, seed=8).float()
+    sd = {f"{key(FF_OUT)}.weight": w, f"{key(FF_OUT)}.on_input": torch.tensor(False),
+          f"{key(FF_OUT)}.alpha": torch.tensor(3.0)}
+    net = parse_network(sd, "sd1", model=model, name="file")
+    (delta,) = net.modules[FF_OUT]
+    source = module.fp16_weight.float() if fp16_copy else module.weight.float()
+    dw, _ = dense_delta(module, [(delta, 0.8)], torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(dw, 0.8 * source * w[:, None], rtol=1e-6, atol=1e-6)
+    x = rand(3, 8, seed=99).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), RuntimeLora(model, [(net, 0.8)]) as runtime:
+        runtime.set_all()
+        got = module(x)
+        runtime.set_off()
+        base = module(x)
+    want = F.linear(x, dw)
+    torch.testing.assert_close((got.float() - base.float()), want, rtol=0.05, atol=0.05)
