@@ -73,17 +73,30 @@ def current_precision() -> Precision:
     return Precision(dtype, fp8, bool(getattr(shared.opts, "cache_fp16_weight", False)))
 
 
-def store_fp8(model: torch.nn.Module, fp16_copy: bool) -> None:
-    """Conv2d and Linear weights to fp8, as the webui's ``load_model_weights`` does to its models (the VAE is not part
-    of a source model); with ``fp16_copy`` an fp16 copy of each weight and bias stays beside it, on the CPU, as the
-    webui keeps it: its LoRA code builds deltas from the copy, and so does the runtime LoRA here."""
+def store_fp8(model: torch.nn.Module, storage: Storage) -> None:
+    """Store a float32-loaded model as the webui stores a checkpoint it switches to under ``fp8_storage``: Conv2d
+    and Linear weights and biases as fp8 of the file's values, with an fp16 copy of each beside them (on the CPU) when
+    ``storage.fp16_copy``; MultiheadAttention's own ``in_proj`` as in the file; every other parameter and buffer
+    (norms, embeddings, ``alphas_cumprod``) rounded through fp16; all of it in ``storage.dtype`` but the fp8 weights.
+
+    Measured tensor by tensor in A1111 1.10.1 (tests/webui support route ``/delta-test/compare-with-target``): a
+    checkpoint the webui switches to under fp8 comes out exactly so (``load_model_weights`` halves the model before
+    loading into it). The checkpoint it starts with keeps its norms in full float32 instead, so its images can be a
+    few levels from the same checkpoint switched to later; a source model matches the switched-to one."""
     for module in model.modules():
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            if fp16_copy:
+            if storage.fp16_copy:
                 module.fp16_weight = module.weight.data.clone().cpu().half()
                 if module.bias is not None:
                     module.fp16_bias = module.bias.data.clone().cpu().half()
             module.to(FP8)
+            continue
+        if isinstance(module, torch.nn.MultiheadAttention):
+            continue  # OpenCLIP's in_proj stays as in the file (its out_proj is a Linear: fp8 above)
+        for tensors in (module._parameters, module._buffers):
+            for tensor in tensors.values():
+                if tensor is not None and tensor.is_floating_point():
+                    tensor.data = tensor.data.half().to(storage.dtype)
 
 
 @contextlib.contextmanager

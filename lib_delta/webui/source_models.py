@@ -470,6 +470,8 @@ def load_checkpoint(info: Any, device: torch.device, precision: Precision) -> Lo
         storage = precision.storage(bool(model.is_sdxl))
         dtype = storage.dtype
         conversion = None if dtype == torch.float32 else {"first_stage_model": None, "alphas_cumprod": None, "": dtype}
+        if storage.fp8:
+            conversion = None  # fp8 weights are made from the file's own values (store_fp8)
 
         with sd_disable_initialization.LoadStateDictOnMeta(state_dict, device="cpu",
                                                            weight_dtype_conversion=conversion):
@@ -481,13 +483,15 @@ def load_checkpoint(info: Any, device: torch.device, precision: Precision) -> Lo
                 f"checkpoint {info.name} lacks {len(missing)} weights its config needs (first: {missing[0]}); it is "
                 f"incomplete or does not match its config {os.path.basename(config_path)}"
             )
-        alphas = model.alphas_cumprod
-        model.alphas_cumprod = None
-        model.to(dtype)
+        if storage.fp8:
+            store_fp8(model, storage)
+            alphas = model.alphas_cumprod
+        else:
+            alphas = model.alphas_cumprod
+            model.alphas_cumprod = None
+            model.to(dtype)
         model.alphas_cumprod = alphas.float()
         model.alphas_cumprod_original = model.alphas_cumprod
-        if storage.fp8:
-            store_fp8(model, storage.fp16_copy)
         sd_models.apply_alpha_schedule_override(model)  # the same schedule override the target gets
         model.lowvram = False
         model.is_sdxl_inpaint = False  # _refuse_unusable let only 4-channel UNets through

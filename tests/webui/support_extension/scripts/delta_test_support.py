@@ -11,6 +11,10 @@ GET /delta-test/controlnet-invariants: build ControlNets (``lib_delta.controlnet
 checkpoint's UNet, made in-process from that UNet's own weights, and report the invariants of
 tests/webui/test_delta_controlnet_core.py as numbers (max differences, first changed decoder block).
 
+GET /delta-test/compare-with-target?source=<title>: the source model DS loads for ``source`` (through its cache, as a
+generation would) against the webui's own loaded checkpoint, tensor by tensor (UNet and text encoders): how many
+differ in dtype or value, and the first few names.
+
 POST /delta-test/inject-oom?where=load|leg: reproduce a GPU running out of memory on this CPU-only machine. The next
 source-model load (``where=load``: after its weights are in, inside the loader, so the clean-up is exercised) or the
 next source-leg forward (``where=leg``) raises ``torch.cuda.OutOfMemoryError``, once.
@@ -205,6 +209,49 @@ def _on_app_started(demo, app):
     app.add_api_route("/delta-test/lora-match/{name}", _lora_match, methods=["GET"])
     app.add_api_route("/delta-test/controlnet-invariants", _controlnet_invariants, methods=["GET"])
     app.add_api_route("/delta-test/inject-oom", _inject_oom, methods=["POST"])
+    app.add_api_route("/delta-test/compare-with-target", _compare_with_target, methods=["GET"])
+
+
+def _compare_with_target(source: str):
+    import torch
+    from modules import call_queue, devices, shared
+
+    from lib_delta.webui import source_models
+    from lib_delta.webui.precision import current_precision
+
+    with call_queue.queue_lock, torch.no_grad():
+        info = source_models.resolve_checkpoint(source, "source")
+        loaded, _ = source_models.CACHE.checkpoint(info, devices.device, current_precision(), set())
+        target = shared.sd_model
+        report = {"target": target.sd_checkpoint_info.title, "source": info.title}
+        for part, mine, theirs in (("unet", loaded.unet, target.model.diffusion_model),
+                                   ("text", loaded.model.cond_stage_model, target.cond_stage_model)):
+            a, b = mine.state_dict(), theirs.state_dict()
+            dtype, value = [], []
+            for name, tensor in b.items():
+                other = a.get(name)
+                if other is None:
+                    continue
+                if other.dtype != tensor.dtype:
+                    dtype.append(f"{name}: {other.dtype} vs {tensor.dtype}")
+                elif not torch.equal(other.view(torch.uint8) if other.element_size() == 1 else other, tensor.view(
+                        torch.uint8) if tensor.element_size() == 1 else tensor):
+                    value.append(name)
+            report[part] = {"tensors": len(b), "missing": sorted(set(b) - set(a))[:5], "dtype": dtype[:5],
+                            "dtype_count": len(dtype), "value": value[:5], "value_count": len(value)}
+            if value and __import__("os").environ.get("DELTA_PROBE"):
+                import safetensors.torch
+                sd = safetensors.torch.load_file(info.filename)
+                prefix = "model.diffusion_model." if part == "unet" else (
+                    "conditioner." if "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+                    in sd or any(k.startswith("conditioner.") for k in sd) else "cond_stage_model.")
+                for name in value[:3]:
+                    w = sd.get(prefix + name.replace("wrapped.", "")).float()
+                    t = b[name]
+                    report[part][name] = {"exact": bool(torch.equal(w, t)), "fp16": bool(torch.equal(
+                        w.half().float(), t)), "bf16": bool(torch.equal(w.bfloat16().float(), t)),
+                        "ours_exact": bool(torch.equal(w, a[name]))}
+        return report
 
 
 def _inject_oom(where: str):
