@@ -83,9 +83,12 @@ def _module_of(obj_module: str) -> Any:
 def build_controlnet(
     unet: nn.Module, unet_kwargs: Mapping[str, Any], cn: ControlNetFile, *, device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32, source: str = "the source", source_family: str | None = None,
+    stored_as: torch.dtype | None = None,
 ) -> ControlNet:
-    """The ControlNet of ``cn`` for ``unet`` (built with ``unet_kwargs``); raises :class:`ControlNetFileError` naming
-    the first key or shape of the file that does not fit."""
+    """The ControlNet of ``cn`` for ``unet`` (built with ``unet_kwargs``), in ``dtype``; with ``stored_as`` its
+    values are rounded through that dtype first (a host that stores its own ControlNets in fp8 and computes them in
+    ``dtype`` gets exactly these values). Raises :class:`ControlNetFileError` naming the first key or shape of the
+    file that does not fit."""
     if cn.kind != "controlnet":
         raise ControlNetFileError(f"controlnet: {cn.name} is a {cn.kind}; only full ControlNets are built here")
     with torch.device("meta"):
@@ -112,8 +115,8 @@ def build_controlnet(
     missing = [k for k in expected if k not in cn.tensors]
     if missing:
         raise ControlNetFileError(f"controlnet: {cn.name} lacks {missing[0]} (and {len(missing) - 1} more tensors)")
-    net.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in cn.tensors.items()}, strict=True,
-                        assign=True)
+    rounded = cn.tensors if stored_as is None else {k: v.to(stored_as) for k, v in cn.tensors.items()}
+    net.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in rounded.items()}, strict=True, assign=True)
     return net.eval().requires_grad_(False)
 
 

@@ -93,6 +93,16 @@ class ForgeCheckpoint(LoadedCheckpoint):
         super().release()
 
     @property
+    def controlnet_storage(self) -> torch.dtype | None:
+        """Forge stores its own ControlNets in ``unet_dtype()`` (the ``--unet-in-*`` flags) and computes them in the
+        computation dtype (``modules_forge/supported_controlnet.py``): under fp8 storage their values are fp8's. DS's
+        are rounded the same way (kept in the compute dtype: more memory than Forge's, the same numbers)."""
+        from backend import memory_management
+
+        stored = memory_management.unet_dtype()
+        return None if stored == self.compute_dtype else stored
+
+    @property
     def packed_storage(self) -> str | None:
         """Forge's quantised storage (nf4/fp4 through bitsandbytes, GGUF): its weights are packed bytes, not values."""
         for module in self.unet.modules():

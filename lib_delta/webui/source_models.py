@@ -258,6 +258,12 @@ class LoadedCheckpoint:
         return self.model.model.diffusion_model
 
     @property
+    def controlnet_storage(self) -> torch.dtype | None:
+        """The dtype the host stores its own ControlNets in where it differs from the compute dtype (None: A1111,
+        whose ControlNet extension has no fp8 storage; sd-webui-controlnet keeps them in the UNet's dtype)."""
+        return None
+
+    @property
     def packed_storage(self) -> str | None:
         """What a quantised storage packs its weights as (Forge: nf4/fp4/GGUF), or None: LoRA deltas and control-LoRA
         expansion read weights as values, which packed bytes are not. fp8 is not packed (it is upcast)."""
@@ -281,7 +287,8 @@ class LoadedCheckpoint:
                     _refuse_packed(self, f"the control-LoRA {name}")
                     cn = expand_control_lora(cn, self.unet.state_dict())
                 net = build_controlnet(self.unet, self.unet_kwargs, cn, device=self.device, dtype=self.compute_dtype,
-                                       source=self.info.name, source_family=self.family)
+                                       source=self.info.name, source_family=self.family,
+                                       stored_as=self.controlnet_storage)
             except ControlNetFileError as exc:
                 raise SourceModelError(f"{exc} ({filename})") from exc
             finally:
