@@ -225,12 +225,12 @@ def controlled_forward(
             picked = cond_rows if control.cond_rows_only else rows
             if picked.numel() == 0:
                 continue
-            net_param = next(control.net.parameters())
-            if net_param.device != x.device:
+            if next(control.net.parameters()).device != x.device:
                 # Built while its UNet waited on the CPU (Forge's offload device), or left there by a host's memory
-                # manager: the network goes where the UNet computes (once; it stays there)
+                # manager: the network goes where the UNet computes (once; it stays there). No reference to a
+                # parameter may be held across the move (torch swaps parameter tensors for some tensor types).
                 control.net.to(x.device)
-                net_param = next(control.net.parameters())
+            net_param = next(control.net.parameters())
             hint = control.hint.to(device=x.device, dtype=net_param.dtype).expand(picked.numel(), -1, -1, -1)
             residuals = controlnet_residuals(
                 control.net, x[picked].to(net_param.dtype), timesteps[picked],
