@@ -33,103 +33,20 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 ROOT = Path(__file__).resolve().parents[2]
-
-SD15 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
-            num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
-            transformer_depth=1, context_dim=768, use_checkpoint=False, legacy=False, use_fp16=True)
-SDXL = dict(adm_in_channels=2816, num_classes="sequential", use_checkpoint=False, in_channels=4, out_channels=4,
-            model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=[1, 2, 4],
-            num_head_channels=64, use_linear_in_transformer=True, transformer_depth=[1, 2, 10], context_dim=2048,
-            spatial_transformer_attn_type="softmax", legacy=False, use_spatial_transformer=True)
-
 
 def emit(**record) -> None:
     print(json.dumps(record), flush=True)
 
 
-def webui_patches() -> None:
-    """What the webui does to every ldm/sgm UNet (see the module docstring)."""
-    import ldm.modules.attention as ldm_attention
-    import ldm.modules.diffusionmodules.openaimodel as ldm_unet
-    import sgm.modules.diffusionmodules.openaimodel as sgm_unet
-    from einops import rearrange
-
-    for module in (ldm_unet, sgm_unet):
-        original = module.timestep_embedding
-
-        def cast(timesteps, *args, _original=original, **kwargs):
-            return _original(timesteps, *args, **kwargs).to(torch.float16)
-
-        module.timestep_embedding = cast
-
-    def sdpa_forward(self, x, context=None, mask=None):
-        h = self.heads
-        q = self.to_q(x)
-        context = x if context is None else context
-        k, v = self.to_k(context), self.to_v(context)
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=h) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
-
-    ldm_attention.CrossAttention.forward = sdpa_forward
-
-
-def build(cls, config: dict, device: str) -> torch.nn.Module:
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device(device):
-            return cls(**config).eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(torch.float32)
-
-
-def x0_denoiser(unet, context, y=None):
-    """k-diffusion's CompVisDenoiser in a few lines: x0 from an eps UNet at a k-diffusion sigma."""
-    from lib_delta.timesteps import DiscreteSchedule
-
-    schedule = DiscreteSchedule()
-
-    def denoise(x, sigma):
-        c_in = (sigma**2 + 1) ** -0.5
-        t = schedule.sigma_to_t(sigma)
-        kwargs = {} if y is None else {"y": y[: x.shape[0]]}
-        eps = unet((x * c_in.view(-1, 1, 1, 1)).half(), t, context[: x.shape[0]], **kwargs)
-        return x - sigma.view(-1, 1, 1, 1) * eps.to(x.dtype)
-
-    return denoise
-
-
-def lora_for(unet, mode) -> tuple:
-    """A rank-8 kohya LoRA over every attention projection of ``unet`` (parsed from real tensors, then made fake)."""
-    from lib_delta.lora import RuntimeLora, parse_network
-    from lib_delta.lora_keys import compvis_to_kohya
-
-    root = torch.nn.Module()
-    root.model = torch.nn.Module()
-    root.model.diffusion_model = unet
-    with unset_fake_temporarily():  # a file's tensors are real; the runtime copies them to the device it meets
-        sd = {}
-        for path, module in unet.named_modules():
-            if isinstance(module, torch.nn.Linear) and any(p in path for p in ("to_q", "to_k", "to_v", "to_out.0")):
-                key = compvis_to_kohya("model.diffusion_model." + path, "sd1")
-                sd[f"{key}.lora_down.weight"] = torch.randn(8, module.in_features) * 0.01
-                sd[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 8) * 0.01
-                sd[f"{key}.alpha"] = torch.tensor(8.0)
-        network = parse_network(sd, "sd1", model=root, name="fake")
-    for delta in network.deltas():
-        delta.parts = {k: mode.from_tensor(v) for k, v in delta.parts.items()}
-    return RuntimeLora(root, [(network, 0.8)]), network
-
-
 def controlnet_on_cpu(unet_cls, config):
     """A real-size ControlNet built while its UNet sits on the CPU (Forge's offload device)."""
+    from bench.gpu_probe import build
     from lib_delta.controlnet import ControlNet
 
-    body = build(unet_cls, config, "cpu")
+    body = build(unet_cls, config, "cpu", torch.float16, init=False)
     channels = [int(b[-1].out_channels if hasattr(b[-1], "out_channels") else b[0].out_channels)
                 for b in body.input_blocks]
     torch.set_default_dtype(torch.float16)
@@ -173,14 +90,16 @@ def main() -> int:
     parser.add_argument("--plant", action="store_true")
     args = parser.parse_args()
     repos = Path(args.repositories)
-    sys.path[:0] = [str(ROOT), str(repos / "stable-diffusion-stability-ai"), str(repos / "generative-models")]
-    import ldm.modules.diffusionmodules.openaimodel as ldm_unet
-    import sgm.modules.diffusionmodules.openaimodel as sgm_unet
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_probe import SD15, SDXL, build, import_unets, lora_for, webui_patches, x0_denoiser
+
+    ldm_cls, sgm_cls = import_unets([repos / "stable-diffusion-stability-ai", repos / "generative-models"])
 
     from lib_delta import delta
     from lib_delta.controlnet import ActiveControl, controlled_forward
     from lib_delta.delta import pair_of, source_delta
     from lib_delta.latent import LatentMap
+    from lib_delta.lora import RuntimeLora
     from lib_delta.samplers import (
         ddim_timesteps,
         karras_sigmas,
@@ -192,7 +111,7 @@ def main() -> int:
     )
     from lib_delta.timesteps import DiscreteSchedule
 
-    webui_patches()
+    webui_patches(torch.float16)
     delta.check_finite = lambda tensor, what: None  # reads values (see the module docstring)
     if args.plant:
         plant_device_mistake()
@@ -200,15 +119,16 @@ def main() -> int:
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # real CPU schedules meet fake tensors; devices still checked
     started = time.perf_counter()
     with mode, torch.no_grad():
-        sd15 = build(ldm_unet.UNetModel, SD15, "cuda")
-        sdxl = build(sgm_unet.UNetModel, SDXL, "cuda")
+        sd15 = build(ldm_cls, {**SD15, "use_fp16": True}, "cuda", torch.float16, init=False)
+        sdxl = build(sgm_cls, SDXL, "cuda", torch.float16, init=False)
         emit(check="build", sd15_params=sum(p.numel() for p in sd15.parameters()),
              sdxl_params=sum(p.numel() for p in sdxl.parameters()),
              devices=sorted({str(p.device) for m in (sd15, sdxl) for p in m.parameters()}),
              dtypes=sorted({str(p.dtype) for m in (sd15, sdxl) for p in m.parameters()}))
 
-        runtime, network = lora_for(sd15, mode)
-        net = controlnet_on_cpu(ldm_unet.UNetModel, SD15)
+        root, network = lora_for(sd15, to_fake=mode.from_tensor)
+        runtime = RuntimeLora(root, [(network, 0.8)])
+        net = controlnet_on_cpu(ldm_cls, {**SD15, "use_fp16": True})
         context15 = torch.randn(4, 77, 768, device="cuda", dtype=torch.float16)
         context_xl = torch.randn(2, 77, 2048, device="cuda", dtype=torch.float16)
         y_xl = torch.randn(2, 2816, device="cuda", dtype=torch.float16)

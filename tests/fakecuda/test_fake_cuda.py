@@ -56,3 +56,21 @@ def test_a_planted_device_mistake_fails_the_run():
     code, records, stderr = run_checks("--plant")
     assert code != 0 and "FakeTensorDeviceMismatchError" in stderr and "cuda:0 and cpu" in stderr, stderr
     assert not any(r["check"].startswith("legs") for r in records), records
+
+
+def test_the_gpu_probe_dry_run():
+    """bench/gpu_probe.py, the probe for a lent GPU, on fake CUDA: every phase runs at real sizes and reports."""
+    repos = WEBUI_DIR / "repositories"
+    proc = subprocess.run([str(WEBUI_PYTHON), str(CHECKS.parents[2] / "bench" / "gpu_probe.py"), "--dry-run",
+                           "--unet-sources", str(repos / "stable-diffusion-stability-ai"),
+                           str(repos / "generative-models")], capture_output=True, text=True, timeout=900,
+                          env=webui_subprocess_env(), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    identities = [r for r in records if r["phase"] == 1]
+    assert [r["precision"] for r in identities] == ["fp16 autocast", "fp16", "bf16"]
+    assert all(r["lambda_0_is_target"] and r["devices"] == ["cuda:0"] for r in identities), identities
+    configs = [r["config"] for r in records if r["phase"] == 2]
+    assert configs == ["target alone", "DS factor 1 batched", "DS factor 1 separate", "DS factor 2 batched",
+                       "DS factor 2 separate"], configs
+    assert records[-1]["phase"] == "done"
