@@ -1108,6 +1108,14 @@ class RuntimeLora:
         self._caches.clear()
         self._mode = "off"
 
+    def clear_device_copies(self) -> None:
+        """Drop the factor and delta copies made for the devices the forwards ran on, hooks kept: after the model
+        moves (``--medvram``/``--lowvram`` visits), copies on the device it left would otherwise stay there."""
+        for delta in self._deltas:
+            delta.clear_cache()
+        for cache in self._caches:
+            cache.clear()
+
     def __enter__(self) -> RuntimeLora:
         return self
 

@@ -319,6 +319,11 @@ class LoadedCheckpoint:
         for net in self.controlnets.values():
             net.to(device)
         self._lcm_denoiser = None  # rebuilt on the new device when needed
+        # LoRA factors copied to the device the model left must not stay there (VRAM under --medvram)
+        if self.runtime_lora is not None:
+            self.runtime_lora.clear_device_copies()
+        for network in self.lora_cache.values():
+            network.clear_cache()
 
     def drop_runtime_lora(self) -> None:
         if self.runtime_lora is not None:

@@ -409,3 +409,21 @@ def test_weight_dependent_delta_on_fp8_weights(fp16_copy):
         base = module(x)
     want = F.linear(x, dw)
     torch.testing.assert_close((got.float() - base.float()), want, rtol=0.05, atol=0.05)
+
+
+def test_runtime_lora_drops_its_device_copies_and_keeps_its_hooks():
+    """After a model moves (a --medvram visit ends), the factor copies made for the device it left are dropped; the
+    next forward makes them again and gives the same output."""
+    model = model_with(TO_K)
+    sd = {f"{key(TO_K)}.lora_down.weight": rand(2, 8, seed=3), f"{key(TO_K)}.lora_up.weight": rand(8, 2, seed=4)}
+    net = parse_network(sd, "sd1", model=model, name="file")
+    module = model.get_submodule(TO_K)
+    x = rand(3, 8, seed=5)
+    with torch.no_grad(), RuntimeLora(model, [(net, 0.8)]) as runtime:
+        runtime.set_all()
+        first = module(x)
+        (delta,) = net.modules[TO_K]
+        assert delta._cache
+        runtime.clear_device_copies()
+        assert not delta._cache
+        torch.testing.assert_close(module(x), first, rtol=0, atol=0)
