@@ -372,7 +372,10 @@ def _pass_state(job: DeltaJob, denoiser: Any) -> PassState:
         state.conds = conds
         # Forge's denoiser hands its callbacks x0 for every sampler (it converts to eps after them)
         state.eps_space = not host().forge and isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps)
-        state.wrapper = "lcm" if isinstance(denoiser, sd_samplers_lcm.CFGDenoiserLCM) else "k"
+        if isinstance(denoiser, sd_samplers_lcm.CFGDenoiserLCM):
+            state.wrapper = "lcm"
+        elif state.eps_space:
+            state.wrapper = "timesteps"  # the target's UNet sees integer steps (DDIM, PLMS) or fractional (UniPC)
         if state.eps_space:
             state.schedule = DiscreteSchedule(p.sd_model.alphas_cumprod.detach().double().cpu())
     job.passes[id(denoiser)] = (weakref.ref(denoiser), state)

@@ -185,7 +185,7 @@ class LegRequest:
     skip_uncond: bool  # the target skipped its uncond rows at this call (NGMS / skip early CFG)
     cond_only: bool  # the user's cheaper variant: no uncond rows and no CFG for the source legs
     batch_legs: bool
-    wrapper: str = "k"  # "lcm" when the target samples with LCM (its denoiser scales x0 its own way)
+    wrapper: str = "k"  # "lcm" (LCM scales x0 its own way) or "timesteps" (DDIM/PLMS/UniPC): denoiser_for
     total_steps: int = 1  # with ``step``: the ControlNet units' windows
     controls: ControlStack | None = None  # the adapted leg's ControlNet units
     forge: bool = False  # combine AND-terms as Forge does (lib_delta.composition)
