@@ -49,16 +49,6 @@ def mode(request, tmp_path_factory):
         h.stop_process(ui.process)
 
 
-def titles(ui, *names: str) -> list[str]:
-    return [ui.models.title(n) for n in names]
-
-
-def close_to(got: str, want: str, peak: int, mean: float, what: str) -> tuple[float, int]:
-    m, p = h.mean_abs_diff(got, want), max_diff(got, want)
-    assert p <= peak and m <= mean, f"{what}: mean diff {m:.4f}, max {p} (allowed {mean} / {peak})"
-    return round(m, 4), p
-
-
 def same_bytes(a: str, b: str) -> bool:
     return h.image_array(a).tobytes() == h.image_array(b).tobytes()
 
@@ -66,7 +56,7 @@ def same_bytes(a: str, b: str) -> bool:
 def test_the_mode_is_what_it_claims_and_identities_are_bit_for_bit(mode):
     if mode.mode == "fp16 compute":
         assert "Forge computes in float16 on the CPU" in mode.log_text()
-    a, b = titles(mode, "forge-sd15-a", "forge-sd15-b")
+    a, b = mode.titles("forge-sd15-a", "forge-sd15-b")
     off = mode.txt2img(mode.payload("forge-sd15-a", PROMPT))["images"][0]
     zero = mode.txt2img(mode.payload("forge-sd15-a", PROMPT, alwayson_scripts=ds(scale=0, source=a, adapted=b)))
     same = mode.txt2img(mode.payload("forge-sd15-a", PROMPT, alwayson_scripts=ds(scale=2.0, source=b, adapted=b)))
@@ -79,18 +69,18 @@ def test_the_mode_is_what_it_claims_and_identities_are_bit_for_bit(mode):
 @pytest.mark.parametrize(("family", "sampler"), [("sd15", "Euler"), ("sd15", "DDIM"), ("sdxl", "Euler")])
 def test_a_plus_b_minus_a_is_b_in_this_mode(mode, family, sampler):
     a_name, b_name = f"forge-{family}-a", f"forge-{family}-b"
-    a, b = titles(mode, a_name, b_name)
+    a, b = mode.titles(a_name, b_name)
     common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name=sampler, steps=5 if family == "sd15" else 4)
     alone = mode.txt2img(mode.payload(b_name, **common))["images"][0]
     target = mode.txt2img(mode.payload(a_name, **common))["images"][0]
     res = mode.txt2img(mode.payload(a_name, **common, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
     assert h.mean_abs_diff(target, alone) > 5
-    MEASURED[mode.mode][f"{family} {sampler}"] = close_to(res["images"][0], alone, MAX_DIFF, MEAN_DIFF,
+    MEASURED[mode.mode][f"{family} {sampler}"] = h.close_to(res["images"][0], alone, MAX_DIFF, MEAN_DIFF,
                                                            f"{family} {sampler}")
 
 
 def test_lora_pair_against_forges_own_lora(mode):
-    (a,) = titles(mode, "forge-sd15-a")
+    (a,) = mode.titles("forge-sd15-a")
     common = dict(negative_prompt=NEGATIVE, steps=5)
     plain = mode.txt2img(mode.payload("forge-sd15-a", PROMPT, **common))["images"][0]
     theirs = mode.txt2img(mode.payload("forge-sd15-a", f"{PROMPT} <lora:forge-sd15-lora:0.8>", **common))["images"][0]
@@ -106,12 +96,12 @@ def test_lora_pair_against_forges_own_lora(mode):
                                                                    round(effect, 1))
         assert distance < effect / 2, (distance, effect)
     else:
-        MEASURED[mode.mode]["lora"] = (*close_to(ours, theirs, 3, 0.5, "LoRA pair"), round(effect, 1))
+        MEASURED[mode.mode]["lora"] = (*h.close_to(ours, theirs, 3, 0.5, "LoRA pair"), round(effect, 1))
     assert same_bytes(mode.txt2img(mode.payload("forge-sd15-a", PROMPT, **common))["images"][0], plain)
 
 
 def test_controlnet_unit_against_forges_own_controlnet(mode):
-    (a,) = titles(mode, "forge-sd15-a")
+    (a,) = mode.titles("forge-sd15-a")
     unit = {"image": control_image(), "weight": 0.8, "guidance_start": 0.0, "guidance_end": 1.0,
             "control_mode": "Balanced", "resize_mode": "Just Resize", "pixel_perfect": False, "processor_res": 64}
     payload = mode.payload("forge-sd15-a", PROMPT, steps=4)
@@ -123,7 +113,7 @@ def test_controlnet_unit_against_forges_own_controlnet(mode):
     ours = mode.txt2img({**payload, "alwayson_scripts": ds(scale=1.0, source=a, controlnet=[
         {**unit, "model": "control_forge_sd15"}])})["images"][0]
     assert h.mean_abs_diff(theirs["images"][0], plain) > 2
-    MEASURED[mode.mode]["controlnet"] = close_to(ours, theirs["images"][0], MAX_DIFF, MEAN_DIFF, "ControlNet")
+    MEASURED[mode.mode]["controlnet"] = h.close_to(ours, theirs["images"][0], MAX_DIFF, MEAN_DIFF, "ControlNet")
 
 
 def test_a_plain_image_is_unchanged_afterwards(mode):

@@ -22,7 +22,15 @@ from PIL import Image
 
 from test_delta_controlnet import direct, unit
 from test_delta_sampling import NEGATIVE, PROMPT, assert_only_the_masked_square_changed, ds, infotext, max_diff, png_b64
-from webui_harness import FULL_PRECISION, image_array, image_from_b64, mean_abs_diff, start_webui, stop_process
+from webui_harness import (
+    FULL_PRECISION,
+    close_to,
+    image_array,
+    image_from_b64,
+    mean_abs_diff,
+    start_webui,
+    stop_process,
+)
 
 pytestmark = pytest.mark.webui
 
@@ -56,16 +64,6 @@ def mode(request, tiny_models, tmp_path_factory):
         stop_process(ui.process)
 
 
-def titles(ui, *names: str) -> list[str]:
-    return [ui.models.title(n) for n in names]
-
-
-def close_to(got: str, want: str, peak: int, mean: float, what: str) -> tuple[float, int]:
-    m, p = mean_abs_diff(got, want), max_diff(got, want)
-    assert p <= peak and m <= mean, f"{what}: mean diff {m:.4f}, max {p} (allowed {mean} / {peak})"
-    return round(m, 4), p
-
-
 def status(ui) -> dict:
     return ui.get("/delta-sampling/v1/status").json()
 
@@ -74,7 +72,7 @@ def test_the_mode_is_what_it_claims(mode):
     log = mode.log_text()
     if mode.mode == "half":
         assert "GroupNorm32 replaced with normal torch.nn.GroupNorm" in log
-    a, b = titles(mode, "tiny-sd1-a", "tiny-sd1-b")
+    a, b = mode.titles("tiny-sd1-a", "tiny-sd1-b")
     mode.txt2img(mode.payload("tiny-sd1-a", alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
     dtypes = {m["dtype"] for m in status(mode)["models"]}
     assert dtypes == ({"float16"} if mode.mode == "half" else {"float32 + fp8 weights"}), dtypes
@@ -96,7 +94,7 @@ def test_a_source_model_is_the_webuis_own_model_tensor_for_tensor(mode):
 
 
 def test_identities_are_bit_for_bit(mode):
-    a, b = titles(mode, "tiny-sd1-a", "tiny-sd1-b")
+    a, b = mode.titles("tiny-sd1-a", "tiny-sd1-b")
     off = mode.txt2img(mode.payload("tiny-sd1-a", PROMPT))["images"][0]
     zero = mode.txt2img(mode.payload("tiny-sd1-a", PROMPT, alwayson_scripts=ds(scale=0, source=a, adapted=b)))
     same = mode.txt2img(mode.payload("tiny-sd1-a", PROMPT, alwayson_scripts=ds(scale=2.0, source=b, adapted=b)))
@@ -109,7 +107,7 @@ def test_identities_are_bit_for_bit(mode):
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM", "UniPC", "LCM"])
 def test_a_plus_b_minus_a_is_b_in_this_mode(mode, sampler):
     # (DDIM under fp8 was mean 0.21 / max 2 before the legs' timestep snapped to the target's integer step)
-    a, b = titles(mode, "tiny-sd1-a", "tiny-sd1-b")
+    a, b = mode.titles("tiny-sd1-a", "tiny-sd1-b")
     common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name=sampler, steps=6)
     alone = mode.txt2img(mode.payload("tiny-sd1-b", **common))["images"][0]
     target = mode.txt2img(mode.payload("tiny-sd1-a", **common))["images"][0]
@@ -119,7 +117,7 @@ def test_a_plus_b_minus_a_is_b_in_this_mode(mode, sampler):
 
 
 def test_a_plus_b_minus_a_is_b_for_sdxl(mode):
-    a, b = titles(mode, "tiny-sdxl-a", "tiny-sdxl-b")
+    a, b = mode.titles("tiny-sdxl-a", "tiny-sdxl-b")
     common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=5)
     alone = mode.txt2img(mode.payload("tiny-sdxl-b", **common))["images"][0]
     res = mode.txt2img(mode.payload("tiny-sdxl-a", **common, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
@@ -127,7 +125,7 @@ def test_a_plus_b_minus_a_is_b_for_sdxl(mode):
 
 
 def test_hires_img2img_and_inpainting(mode):
-    a, b = titles(mode, "tiny-sd1-a", "tiny-sd1-b")
+    a, b = mode.titles("tiny-sd1-a", "tiny-sd1-b")
     pair = ds(scale=1.0, source=a, adapted=b)
     hires = dict(prompt=PROMPT, steps=5, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6,
                  hr_second_pass_steps=4)
@@ -191,7 +189,7 @@ def test_lora_pair_against_the_webuis_own_lora(mode, webui):
 
 
 def test_controlnet_unit_equals_the_direct_path(mode):
-    (a,) = titles(mode, "tiny-sd1-a")
+    (a,) = mode.titles("tiny-sd1-a")
     units = [unit("sd1")]
     plain = mode.txt2img(mode.payload("tiny-sd1-a"))["images"][0]
     direct_image = mode.txt2img(mode.payload("tiny-sd1-a", alwayson_scripts=direct(units)))["images"][0]
@@ -202,7 +200,7 @@ def test_controlnet_unit_equals_the_direct_path(mode):
 
 @pytest.mark.parametrize("setting", ["auto", "float32"])
 def test_every_precision_setting_works(mode, setting):
-    a, b = titles(mode, "tiny-sd1-a", "tiny-sd1-b")
+    a, b = mode.titles("tiny-sd1-a", "tiny-sd1-b")
     common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=6)
     alone = mode.txt2img(mode.payload("tiny-sd1-b", **common))["images"][0]
     assert mode.post("/delta-sampling/v1/unload").status_code == 200  # the status then shows this pair alone
@@ -271,13 +269,13 @@ def test_fp8_for_sdxl_only_equivalence_in_both_families_and_a_cross_family_pair(
     ui = fp8_sdxl
     common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=5)
     for a_name, b_name in (("tiny-sd1-a", "tiny-sd1-b"), ("tiny-sdxl-a", "tiny-sdxl-b")):
-        a, b = titles(ui, a_name, b_name)
+        a, b = ui.titles(a_name, b_name)
         ui.txt2img(ui.payload(a_name))  # B is then switched to from A: for SDXL a switch between two fp8 models
         alone = ui.txt2img(ui.payload(b_name, **common))["images"][0]
         res = ui.txt2img(ui.payload(a_name, **common, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
         close_to(res["images"][0], alone, MAX_DIFF, MEAN_DIFF, a_name)
     # an SD1 pair (full precision: no fp8 for SD1) steering the fp8 SDXL target: it runs and changes the image
-    a, b = titles(ui, "tiny-sd1-a", "tiny-sd1-b")
+    a, b = ui.titles("tiny-sd1-a", "tiny-sd1-b")
     off = ui.txt2img(ui.payload("tiny-sdxl-a", **common))["images"][0]
     res = ui.txt2img(ui.payload("tiny-sdxl-a", **common, alwayson_scripts=ds(scale=1.0, source=a, adapted=b)))
     assert mean_abs_diff(res["images"][0], off) > 1

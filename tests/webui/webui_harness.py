@@ -282,6 +282,16 @@ def mean_abs_diff(a: str, b: str) -> float:
     return float(np.abs(image_array(a).astype(np.int16) - image_array(b).astype(np.int16)).mean())
 
 
+def close_to(got: str, want: str, peak: int, mean: float, what: str) -> tuple[float, int]:
+    """Assert two API images are within ``peak`` (max) and ``mean`` levels; returns (mean, max) as measured."""
+    import numpy as np
+
+    m = mean_abs_diff(got, want)
+    p = int(np.abs(image_array(got).astype(np.int16) - image_array(want).astype(np.int16)).max())
+    assert p <= peak and m <= mean, f"{what}: mean diff {m:.4f}, max {p} (allowed {mean} / {peak})"
+    return round(m, 4), p
+
+
 @dataclass
 class WebUI:
     url: str               # "http://127.0.0.1:<port>"
@@ -332,6 +342,10 @@ class WebUI:
         if extra_overrides:
             p["override_settings"] = {**p["override_settings"], **extra_overrides}
         return p
+
+    def titles(self, *names: str) -> list[str]:
+        """The exact titles of checkpoints given by name."""
+        return [self.models.title(n) for n in names]
 
     def txt2img(self, payload: dict, expect_status: int = 200) -> dict:
         r = self.post("/sdapi/v1/txt2img", json=payload)
