@@ -1100,11 +1100,8 @@ class RuntimeLora:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for delta in self._deltas:
-            delta.clear_cache()
+        self.clear_device_copies()
         self._deltas.clear()
-        for cache in self._caches:
-            cache.clear()
         self._caches.clear()
         self._mode = "off"
 

@@ -62,12 +62,13 @@ class ForgeCheckpoint(LoadedCheckpoint):
         for module in (objects.unet.model, objects.clip.cond_stage_model):
             module.to(device="meta")
 
-    def _managed(self) -> list[Any]:
-        """The memory manager's entries (``LoadedModel``) for this engine's UNet, text encoder and ControlNets."""
+    def _managed(self, nets_only: bool = False) -> list[Any]:
+        """The memory manager's entries (``LoadedModel``) for this engine's ControlNets, and unless ``nets_only`` its
+        UNet and text encoder."""
         from backend import memory_management
 
         objects = self.model.forge_objects
-        patchers = {id(objects.unet), id(objects.clip.patcher)}
+        patchers = set() if nets_only else {id(objects.unet), id(objects.clip.patcher)}
         patchers.update(id(p) for p in self.net_patchers.values())
         return [m for m in memory_management.current_loaded_models if id(m.model) in patchers]
 
@@ -86,8 +87,7 @@ class ForgeCheckpoint(LoadedCheckpoint):
     def release(self) -> None:
         from backend import memory_management
 
-        managed_nets = {id(p) for p in self.net_patchers.values()}
-        for loaded in [m for m in memory_management.current_loaded_models if id(m.model) in managed_nets]:
+        for loaded in self._managed(nets_only=True):
             memory_management.current_loaded_models.remove(loaded)
         self.net_patchers.clear()
         super().release()

@@ -376,7 +376,6 @@ def _pass_state(job: DeltaJob, denoiser: Any) -> PassState:
             state.wrapper = "lcm"
         elif state.eps_space:
             state.wrapper = "timesteps"  # the target's UNet sees integer steps (DDIM, PLMS) or fractional (UniPC)
-        if state.eps_space:
             state.schedule = DiscreteSchedule(p.sd_model.alphas_cumprod.detach().double().cpu())
     job.passes[id(denoiser)] = (weakref.ref(denoiser), state)
     return state

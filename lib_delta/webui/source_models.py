@@ -229,8 +229,7 @@ class LoadedCheckpoint:
     runtime_lora: RuntimeLora | None = None  # hooks currently installed on this model (at most one set)
     offload: bool = False  # --lowvram/--medvram: wait on the CPU, visit the GPU for each forward
     storage: Storage | None = None  # A1111: how the weights are stored (None: the host's loader decided, Forge)
-    _lcm_denoiser: torch.nn.Module | None = None  # the other wrapper (denoiser_for), built on first use
-    _lcm_denoiser_kind: str = ""
+    _wrappers: dict[str, torch.nn.Module] = field(default_factory=dict)  # denoiser_for's other wrappers, built once
 
     @contextlib.contextmanager
     def on_compute_device(self) -> Iterator[None]:
@@ -306,16 +305,15 @@ class LoadedCheckpoint:
         back from sigma snapped to the integer step the target was called at (see :func:`_snapping_to_steps`)."""
         if wrapper == "k":
             return self.denoiser
-        if self._lcm_denoiser is None or self._lcm_denoiser_kind != wrapper:
+        if wrapper not in self._wrappers:
             if wrapper == "lcm":
                 from modules.sd_samplers_lcm import LCMCompVisDenoiser
 
-                self._lcm_denoiser = LCMCompVisDenoiser(self.model)
+                self._wrappers[wrapper] = LCMCompVisDenoiser(self.model)
             else:
-                self._lcm_denoiser = _snapping_to_steps(type(self.denoiser))(
+                self._wrappers[wrapper] = _snapping_to_steps(type(self.denoiser))(
                     self.model, quantize=getattr(self.denoiser, "quantize", False))
-            self._lcm_denoiser_kind = wrapper
-        return self._lcm_denoiser
+        return self._wrappers[wrapper]
 
     @property
     def device(self) -> torch.device:
@@ -326,7 +324,7 @@ class LoadedCheckpoint:
         self.model.alphas_cumprod = self.model.alphas_cumprod.to(device)
         for net in self.controlnets.values():
             net.to(device)
-        self._lcm_denoiser = None  # rebuilt on the new device when needed
+        self._wrappers.clear()  # rebuilt on the new device when needed
         # LoRA factors copied to the device the model left must not stay there (VRAM under --medvram)
         if self.runtime_lora is not None:
             self.runtime_lora.clear_device_copies()
@@ -504,10 +502,9 @@ def load_checkpoint(info: Any, device: torch.device, precision: Precision) -> Lo
         _refuse_unusable(model, info)
         storage = precision.storage(bool(model.is_sdxl))
         dtype = storage.dtype
-        conversion = None if dtype == torch.float32 else {"first_stage_model": None, "alphas_cumprod": None, "": dtype}
-        if storage.fp8:
-            conversion = None  # fp8 weights are made from the file's own values (store_fp8)
-
+        # (fp8: loaded in float32, store_fp8 makes the fp8 weights from the file's own values)
+        conversion = (None if dtype == torch.float32 or storage.fp8
+                      else {"first_stage_model": None, "alphas_cumprod": None, "": dtype})
         with sd_disable_initialization.LoadStateDictOnMeta(state_dict, device="cpu",
                                                            weight_dtype_conversion=conversion):
             model.load_state_dict(state_dict, strict=False)
@@ -518,11 +515,10 @@ def load_checkpoint(info: Any, device: torch.device, precision: Precision) -> Lo
                 f"checkpoint {info.name} lacks {len(missing)} weights its config needs (first: {missing[0]}); it is "
                 f"incomplete or does not match its config {os.path.basename(config_path)}"
             )
+        alphas = model.alphas_cumprod
         if storage.fp8:
-            store_fp8(model, storage)
-            alphas = model.alphas_cumprod
+            store_fp8(model, storage)  # alphas_cumprod rounded in place with the other buffers
         else:
-            alphas = model.alphas_cumprod
             model.alphas_cumprod = None
             model.to(dtype)
         model.alphas_cumprod = alphas.float()

@@ -246,6 +246,19 @@ def test_lora_pair_equals_forges_own_lora(forge, family, kind):
     assert same_bytes(forge.txt2img(forge.payload(target, PROMPT, **common))["images"][0], plain)
 
 
+def forge_and_ds_controlnet(ui, payload: dict, unit: dict, source: str) -> tuple[str, dict, str]:
+    """(the plain image, Forge's built-in ControlNet's response, DS's image) for one unit (file
+    control_forge_sd15) on the adapted leg of the pair (source, source + unit) at lambda 1."""
+    plain = ui.txt2img(payload)["images"][0]
+    names = ui.get("/controlnet/model_list").json()["model_list"]
+    theirs = ui.txt2img({**payload, "alwayson_scripts": {"controlnet": {"args": [
+        {**unit, "enabled": True, "module": "None", "model": next(n for n in names if "control_forge_sd15" in n)}]}}})
+    assert len(theirs["images"]) == 2, "Forge's ControlNet did not run (no detected map returned)"
+    ours = ui.txt2img({**payload, "alwayson_scripts": ds(scale=1.0, source=source, controlnet=[
+        {**unit, "model": "control_forge_sd15"}])})
+    return plain, theirs, ours["images"][0]
+
+
 @pytest.mark.parametrize("mode", ["Balanced", "My prompt is more important", "ControlNet is more important"])
 def test_controlnet_unit_equals_forges_own_controlnet(forge, mode):
     """DS(A, A, A + unit, lambda 1) against Forge's built-in ControlNet with the same file, image, weight, window
@@ -255,20 +268,13 @@ def test_controlnet_unit_equals_forges_own_controlnet(forge, mode):
     a, _ = titles(forge)
     unit = {"image": control_image(), "weight": 0.8, "guidance_start": 0.0, "guidance_end": 0.75,
             "control_mode": mode, "resize_mode": "Just Resize", "pixel_perfect": False, "processor_res": 64}
-    payload = forge.payload("forge-sd15-a", PROMPT, steps=5)
-    plain = forge.txt2img(payload)["images"][0]
-    names = forge.get("/controlnet/model_list").json()["model_list"]
-    theirs = forge.txt2img({**payload, "alwayson_scripts": {"controlnet": {"args": [
-        {**unit, "enabled": True, "module": "None", "model": next(n for n in names if "control_forge_sd15" in n)}]}}})
-    assert len(theirs["images"]) == 2, "Forge's ControlNet did not run (no detected map returned)"
-    ours = forge.txt2img({**payload, "alwayson_scripts": ds(scale=1.0, source=a, controlnet=[
-        {**unit, "model": "control_forge_sd15"}])})
+    plain, theirs, ours = forge_and_ds_controlnet(forge, forge.payload("forge-sd15-a", PROMPT, steps=5), unit, a)
     effect = mean_abs_diff(theirs["images"][0], plain)
-    mean = mean_abs_diff(ours["images"][0], theirs["images"][0])
-    peak = int(abs(image_array(ours["images"][0]).astype(int) - image_array(theirs["images"][0]).astype(int)).max())
+    mean = mean_abs_diff(ours, theirs["images"][0])
+    peak = int(abs(image_array(ours).astype(int) - image_array(theirs["images"][0]).astype(int)).max())
     print(f"{mode}: effect {effect:.2f}; DS vs Forge's ControlNet mean {mean:.4f}, max {peak}")
     assert effect > 2
-    assert_same_image(ours["images"][0], theirs["images"][0], f"{mode} against Forge's ControlNet")
+    assert_same_image(ours, theirs["images"][0], f"{mode} against Forge's ControlNet")
     gen = forge.get("/delta-sampling/v1/status").json()["last_generation"]
     assert gen["controlnet_calls"] == 4, gen  # steps 0..3 of 5 are inside [0, 0.75]
     assert gen["skipped_calls"] == 1, gen  # step 4: no unit active, the legs do not run

@@ -16,6 +16,7 @@ import pytest
 from forge_harness import API_AUTH, HERE, MISSING, ensure_forge_models, h, start_forge
 from test_delta_controlnet import control_image
 from test_delta_sampling import ds, max_diff
+from test_forge_delta import forge_and_ds_controlnet
 
 pytestmark = pytest.mark.forge
 
@@ -104,14 +105,7 @@ def test_controlnet_unit_against_forges_own_controlnet(mode):
     (a,) = mode.titles("forge-sd15-a")
     unit = {"image": control_image(), "weight": 0.8, "guidance_start": 0.0, "guidance_end": 1.0,
             "control_mode": "Balanced", "resize_mode": "Just Resize", "pixel_perfect": False, "processor_res": 64}
-    payload = mode.payload("forge-sd15-a", PROMPT, steps=4)
-    plain = mode.txt2img(payload)["images"][0]
-    names = mode.get("/controlnet/model_list").json()["model_list"]
-    theirs = mode.txt2img({**payload, "alwayson_scripts": {"controlnet": {"args": [
-        {**unit, "enabled": True, "module": "None", "model": next(n for n in names if "control_forge_sd15" in n)}]}}})
-    assert len(theirs["images"]) == 2, "Forge's ControlNet did not run (no detected map returned)"
-    ours = mode.txt2img({**payload, "alwayson_scripts": ds(scale=1.0, source=a, controlnet=[
-        {**unit, "model": "control_forge_sd15"}])})["images"][0]
+    plain, theirs, ours = forge_and_ds_controlnet(mode, mode.payload("forge-sd15-a", PROMPT, steps=4), unit, a)
     assert h.mean_abs_diff(theirs["images"][0], plain) > 2
     MEASURED[mode.mode]["controlnet"] = h.close_to(ours, theirs["images"][0], MAX_DIFF, MEAN_DIFF, "ControlNet")
 
