@@ -18,7 +18,7 @@ import base64
 import binascii
 import io
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +30,16 @@ from .fields import check_number
 
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
-PREPROCESSORS = ("none", "invert", "canny")
-# sd-webui-controlnet's module names for the same preprocessors
-_PREPROCESSOR_ALIASES = {"invert (from white bg & black line)": "invert", "None": "none"}
+CONTROL_PREPROCESSORS = ("none", "invert", "canny")
+IP_ENCODERS = ("ip-adapter_clip_h", "ip-adapter_clip_g", "ip-adapter-auto")
+"""IP-Adapter units' ``module``: the CLIP vision encoder (ViT-H/14, ViT-bigG/14, or the one the adapter reads)."""
+PREPROCESSORS = (*CONTROL_PREPROCESSORS, *IP_ENCODERS)
+# sd-webui-controlnet's and Forge's module names for the same preprocessors and encoders
+_PREPROCESSOR_ALIASES = {"invert (from white bg & black line)": "invert", "None": "none",
+                         "ip-adapter_clip_sd15": "ip-adapter_clip_h",
+                         "ip-adapter_clip_sdxl_plus_vith": "ip-adapter_clip_h",
+                         "CLIP-ViT-H (IPAdapter)": "ip-adapter_clip_h", "ip-adapter_clip_sdxl": "ip-adapter_clip_g",
+                         "CLIP-ViT-bigG (IPAdapter)": "ip-adapter_clip_g"}
 MAX_UNITS = 8
 """The most units one generation takes (the UI shows as many as the ``delta_sampling_controlnet_units`` setting)."""
 SOFT_INJECTION_BASE = 0.825
@@ -55,14 +62,17 @@ class UnitField:
 UNIT_FIELDS: tuple[UnitField, ...] = (
     UnitField("enabled", "Enable unit", "", "bool", True,
               "Use this unit. In the API a listed unit is on unless it says enabled: false."),
-    UnitField("model", "ControlNet model", "Model", "str", "",
-              "A ControlNet file from models/ControlNet (or the ControlNet extension's model folders), by name; "
-              "made for the source pair's family."),
-    UnitField("image", "Control image", "", "image", None,
-              "The control image (base64 in the API). Empty in img2img: the init image is used."),
-    UnitField("module", "Preprocessor", "Module", "choice", "none",
-              "What turns the image into the control map: none (the image is the map), invert (white background, "
-              "black lines -> the reverse), canny (edges; thresholds A and B).", choices=PREPROCESSORS),
+    UnitField("model", "ControlNet / IP-Adapter model", "Model", "str", "",
+              "A ControlNet or IP-Adapter file from models/ControlNet (or the ControlNet extension's model folders), "
+              "by name; made for the source pair's family."),
+    UnitField("image", "Control / reference image", "", "image", None,
+              "The control image, or an IP-Adapter's reference image (base64 in the API). Empty in img2img: the init "
+              "image is used."),
+    UnitField("module", "Preprocessor / encoder", "Module", "choice", "none",
+              "ControlNet: what turns the image into the control map: none (the image is the map), invert (white "
+              "background, black lines -> the reverse), canny (edges; thresholds A and B). IP-Adapter: the CLIP "
+              "vision encoder, ip-adapter_clip_h (ViT-H/14), ip-adapter_clip_g (ViT-bigG/14) or ip-adapter-auto "
+              "(the one the adapter reads).", choices=PREPROCESSORS),
     UnitField("threshold_a", "Canny low threshold", "Threshold A", "float", 100.0,
               "Canny's lower hysteresis threshold.", 1.0, 255.0, 1.0),
     UnitField("threshold_b", "Canny high threshold", "Threshold B", "float", 200.0,
@@ -90,6 +100,21 @@ UNIT_FIELDS_BY_INFOTEXT = {f.infotext: f for f in UNIT_FIELDS if f.infotext}
 
 
 @dataclass(frozen=True)
+class Moment:
+    """Where sampling is at one denoiser call, as each host's own units read it for their window.
+
+    * A1111 (sd-webui-controlnet): ``fraction`` = the webui's ``state.sampling_step / state.sampling_steps``, compared
+      inclusively. The step counter is set by the sampler's callback after each step, so every model call of step k
+      sees ``max(k - 1, 0) / steps`` (a multi-call sampler's calls of one step all see the same).
+    * Forge: the call's ``sigma``; the unit is off where ``sigma > percent_to_sigma(start)`` or
+      ``sigma < percent_to_sigma(end)`` (its ControlNet's and IP-Adapter's rule, the model's timestep-percent)."""
+
+    fraction: float
+    sigma: float | None = None
+    percent_to_sigma: Callable[[float], float] | None = None
+
+
+@dataclass(frozen=True)
 class ControlUnit:
     """One validated ControlNet unit of the adapted leg. ``image`` is kept as given (base64 text, an array, a PIL
     image); it takes no part in equality, as it takes no part in the infotext."""
@@ -113,13 +138,21 @@ class ControlUnit:
             out.pop("image")
         return out
 
-    def active_at(self, step: int, total_steps: int) -> bool:
-        """Whether the unit runs at this denoiser call: weight not 0 and the step fraction inside its window
-        (inclusive at both ends, as sd-webui-controlnet compares ``sampling_step / total_sampling_steps``)."""
+    def active_at(self, moment: Moment) -> bool:
+        """Whether the unit runs at this denoiser call: weight not 0 and the call inside its window, read as the
+        host's own units read it (:class:`Moment`)."""
         if self.weight == 0:
             return False
-        fraction = step / max(total_steps, 1)
-        return self.guidance_start <= fraction <= self.guidance_end
+        if moment.percent_to_sigma is not None:
+            assert moment.sigma is not None
+            return not (moment.sigma > moment.percent_to_sigma(self.guidance_start)
+                        or moment.sigma < moment.percent_to_sigma(self.guidance_end))
+        return self.guidance_start <= moment.fraction <= self.guidance_end
+
+    @property
+    def is_image_prompt(self) -> bool:
+        """An IP-Adapter unit (its module is a CLIP vision encoder)."""
+        return self.module in IP_ENCODERS
 
     @property
     def cond_rows_only(self) -> bool:
@@ -396,21 +429,27 @@ def encode_png(image: np.ndarray) -> str:
 
 
 class ControlStack:
-    """The adapted leg's units for one generation: each with its network and decoded image. Hints are made once per
-    pixel size (a hires pass or a pooled source grid asks for another) and kept until the generation ends."""
+    """The adapted leg's units for one generation: each with its network (a ControlNet or an IP-Adapter) and decoded
+    image. ControlNet hints are made once per pixel size (a hires pass or a pooled source grid asks for another);
+    IP-Adapter tokens once per generation (:meth:`set_tokens`, by the host layer, which owns the encoders). Both are
+    kept until the generation ends."""
 
     def __init__(self, entries: Sequence[tuple[ControlUnit, Any, np.ndarray]], *,
                  soft_middle: float | None = None) -> None:
         self.entries = list(entries)
         self.soft_middle = soft_middle  # the host's middle factor in the soft modes (Forge's), or the table's
         self._hints: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # IP unit index -> (cond, uncond) tokens
         self.calls = 0  # ControlNet forwards run (each unit, each batched call)
 
     def count_call(self) -> None:
         self.calls += 1
 
-    def any_active(self, step: int, total_steps: int) -> bool:
-        return any(unit.active_at(step, total_steps) for unit, _, _ in self.entries)
+    def set_tokens(self, index: int, cond: torch.Tensor, uncond: torch.Tensor) -> None:
+        self.tokens[index] = (cond, uncond)
+
+    def any_active(self, moment: Moment) -> bool:
+        return any(unit.active_at(moment) for unit, _, _ in self.entries)
 
     def hint(self, index: int, width: int, height: int) -> torch.Tensor:
         key = (index, width, height)
@@ -419,17 +458,28 @@ class ControlStack:
             self._hints[key] = hint_tensor(control_map(unit, image, width, height))
         return self._hints[key]
 
-    def active(self, step: int, total_steps: int, width: int, height: int) -> list:
-        """The units that run at this call, as :class:`lib_delta.controlnet.ActiveControl` for a ``width`` x
-        ``height`` pixel grid; a unit at weight 0 or outside its window is not among them (it runs nothing)."""
+    def active(self, moment: Moment, width: int, height: int) -> list:
+        """The ControlNet units that run at this call, as :class:`lib_delta.controlnet.ActiveControl` for a ``width``
+        x ``height`` pixel grid; a unit at weight 0 or outside its window is not among them (it runs nothing)."""
         from .controlnet import ActiveControl
 
         out = []
         for index, (unit, net, _image) in enumerate(self.entries):
-            if not unit.active_at(step, total_steps):
+            if unit.is_image_prompt or not unit.active_at(moment):
                 continue
             count = len(net.zero_convs) + 1
             out.append(ActiveControl(net, self.hint(index, width, height),
                                      residual_scales(unit, count, soft_middle=self.soft_middle),
                                      unit.cond_rows_only))
+        return out
+
+    def image_prompts(self, moment: Moment) -> list:
+        """The IP-Adapter units that run at this call, as :class:`lib_delta.ip_adapter.ImagePrompt`."""
+        from .ip_adapter import ImagePrompt
+
+        out = []
+        for index, (unit, adapter, _image) in enumerate(self.entries):
+            if unit.is_image_prompt and unit.active_at(moment):
+                cond, uncond = self.tokens[index]
+                out.append(ImagePrompt(adapter, unit.weight, cond, uncond))
         return out

@@ -128,6 +128,11 @@ class ForgeCheckpoint(LoadedCheckpoint):
     def compute_dtype(self) -> torch.dtype:
         return self.model.forge_objects.unet.model.computation_dtype  # storage may be fp8; compute never is
 
+    def percent_to_sigma(self, percent: float) -> float:
+        """Where Forge's units' windows end (its ControlNet's and IP-Adapter's rule): the model's own
+        ``predictor.percent_to_sigma`` (the timestep-percent: 0 -> above every sigma, 1 -> 0)."""
+        return float(self.model.forge_objects.unet.model.predictor.percent_to_sigma(percent))
+
     def move(self, device: torch.device) -> None:
         """Forge's memory manager places the engine for each sampling. Moving to the CPU (the "CPU between
         generations" residency) hands it back the way Forge unloads its own models: out of the manager, weights to

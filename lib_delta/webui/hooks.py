@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from fastapi.exceptions import HTTPException
 
-from ..control_units import ControlStack, decode_image, forge_soft_middle
+from ..control_units import ControlStack, Moment, decode_image, forge_soft_middle
 from ..delta import source_delta
 from ..errors import DeltaSamplingError, OutOfMemory, ParamError
 from ..latent import LatentFormat, LatentMap
@@ -40,6 +40,7 @@ from ..params import UNIT_INFOTEXT_KEYS, DeltaParams
 from ..resolution import LATENT_CELL, pooled_size, pooling_factor
 from ..schedule import LambdaSchedule, guard_delta
 from ..timesteps import DiscreteSchedule, vp_to_ve, x0_delta_to_eps
+from .image_prompts import TokenMaker, resolve_encoder, unit_tokens
 from .legs import LegConds, LegRequest, PromptSet, SourceLegs, encode_legs
 from .source_models import CACHE, OFFLOAD, SourcePair, latent_format_of
 
@@ -103,6 +104,8 @@ class DeltaJob:
     reused_calls: int = 0  # calls that reused the previous delta (reuse_steps > 1)
     skipped_calls: int = 0  # calls where only ControlNet units make the difference and none was active
     encode_seconds: float = 0.0  # the source legs' text encoding (their prompts through their own text encoders)
+    encoder_runs: int = 0  # IP-Adapter units: CLIP vision forwards (one per distinct reference image and encoder)
+    encoder_seconds: float = 0.0
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -118,6 +121,8 @@ class DeltaJob:
                                      "controlnet_calls": self.controls.calls if self.controls else 0,
                                      "skipped_calls": self.skipped_calls,
                                      "encode_seconds": round(self.encode_seconds, 4),
+                                     "image_encoder_runs": self.encoder_runs,
+                                     "image_encoder_seconds": round(self.encoder_seconds, 4),
                                      **OFFLOAD.take_counts(),  # --lowvram/--medvram: source models' visits
                                      "failed": self.error is not None}
         if self.pair is not None:
@@ -167,10 +172,33 @@ def begin_job(p: Any, args: tuple) -> None:
             middle = forge_soft_middle(pair.adapted.family) if host().forge else None
             job.controls = ControlStack([(unit, net, _control_image(p, unit, i))
                                          for i, (unit, net, _) in enumerate(pair.controls)], soft_middle=middle)
+            _encode_image_prompts(job, pair)
         job.pair = pair
         job.schedule = params.lambda_schedule()
     except Exception as exc:  # surfaced by the p.sample wrapper, see the module docstring
         job.fail(exc)
+
+
+def _encode_image_prompts(job: DeltaJob, pair: SourcePair) -> None:
+    """The IP-Adapter units' image tokens, made once for the generation (each reference image encoded once)."""
+    if not any(unit.is_image_prompt for unit, _, _ in pair.controls):
+        return
+    from modules import devices
+
+    device = devices.device
+    dtype = torch.float32 if device.type == "cpu" else pair.adapted.compute_dtype
+
+    def encoder_for(module: str) -> Any:
+        filename = resolve_encoder(module)
+        encoder, fresh = CACHE.encoder(filename, device, dtype)
+        if fresh:
+            print(f"Delta Sampling: loaded the image encoder {encoder.config.name} from {filename}")
+        return encoder
+
+    maker = TokenMaker(forge=host().forge)
+    for index, (cond, uncond) in unit_tokens(job.controls.entries, maker, encoder_for).items():
+        job.controls.set_tokens(index, cond, uncond)
+    job.encoder_runs, job.encoder_seconds = maker.runs, maker.seconds
 
 
 def _control_image(p: Any, unit: Any, index: int) -> Any:
@@ -419,6 +447,7 @@ class _Call:
     x: torch.Tensor
     sigma: torch.Tensor
     scale: float
+    fraction: float  # the webui's sampling_step / sampling_steps at this call (sd-webui-controlnet's unit clock)
 
 
 class _PendingCall:
@@ -459,7 +488,8 @@ def on_cfg_denoiser(params: Any) -> None:
             batch = params.x.shape[0]  # Forge batches cond and uncond itself, later: x holds the images only
         else:  # A1111's x is cond rows + uncond rows, the last B being the images' own x
             batch = (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0]
-        _pending.call = _Call(job, state, denoiser, params.x[-batch:], params.sigma[-batch:], scale)
+        fraction = params.sampling_step / max(params.total_sampling_steps, 1)
+        _pending.call = _Call(job, state, denoiser, params.x[-batch:], params.sigma[-batch:], scale, fraction)
     except Exception as exc:
         job.fail(exc)
         raise _interrupt() from exc
@@ -482,6 +512,14 @@ def _target_format() -> LatentFormat:
     return latent_format_of(shared.sd_model)
 
 
+def _moment(call: _Call) -> Moment:
+    """The units' clock at this call, as the host's own units read it: A1111's sd-webui-controlnet the webui's step
+    fraction; Forge the call's sigma against the source model's ``percent_to_sigma``."""
+    if host().forge:
+        return Moment(call.fraction, float(call.sigma[0]), call.job.pair.adapted.percent_to_sigma)
+    return Moment(call.fraction)
+
+
 def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
     job, state, denoiser, params = call.job, call.state, call.denoiser, call.job.params
     latent_map = LatentMap.between(_target_format(), job.pair.latent_format)
@@ -493,8 +531,9 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
         x, sigma, target_x0 = call.x, call.sigma, denoised
 
     pair = job.pair
-    if pair.only_controls_differ and not job.controls.any_active(denoiser.step, denoiser.total_steps):
-        # Only the ControlNet units make the adapted leg differ, and none runs now: the delta is exactly 0.
+    moment = _moment(call)
+    if pair.only_controls_differ and not job.controls.any_active(moment):
+        # Only the ControlNet / IP-Adapter units make the adapted leg differ, and none runs now: the delta is 0.
         job.skipped_calls += 1
         return denoised
     reuse = state.last_delta is not None and state.calls_in_window % params.reuse_steps != 0
@@ -510,7 +549,7 @@ def _apply(call: _Call, denoised: torch.Tensor) -> torch.Tensor:
             cond_only=params.cond_only,
             batch_legs=params.batch_legs,
             wrapper=state.wrapper,
-            total_steps=denoiser.total_steps,
+            moment=moment,
             controls=job.controls,
             forge=host().forge,
         )

@@ -14,14 +14,15 @@ to the adapted rows only (:func:`lib_delta.controlnet.controlled_forward`).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..composition import combine_a1111, combine_forge
-from ..control_units import ControlStack
+from ..control_units import ControlStack, Moment
 from ..controlnet import ActiveControl, controlled_forward
+from ..ip_adapter import ImagePrompt, image_prompt_forwards
 from ..resolution import LATENT_CELL
 from .source_models import LoadedCheckpoint, SourcePair
 
@@ -145,35 +146,43 @@ def _lora_mode(runtime_lora: Any, mode: str, split: int | None) -> Any:
 
 @dataclass
 class ControlScope:
-    """The ControlNet units active at this call, and who counts their calls."""
+    """The ControlNet and IP-Adapter units active at this call, and who counts the ControlNet calls."""
 
     active: list[ActiveControl]
     on_call: Any = None
+    prompts: list[ImagePrompt] = field(default_factory=list)
 
 
 @contextlib.contextmanager
 def _control_mode(checkpoint: LoadedCheckpoint, controls: ControlScope | None, group: list[_Segment],
                   device: torch.device) -> Any:
-    """For one forward: the UNet instance's ``forward`` adds the units' residuals to the group's adapted rows."""
-    if controls is None or not controls.active or not any(seg.adapted for seg in group):
+    """For one forward: the UNet instance's ``forward`` adds the ControlNet units' residuals to the group's adapted
+    rows, and its cross-attention layers the IP-Adapter units' image attention (cond rows attending to the reference's
+    tokens, uncond rows to the uncond tokens)."""
+    if controls is None or not (controls.active or controls.prompts) or not any(seg.adapted for seg in group):
         yield
         return
-    rows, cond_rows, start = [], [], 0
+    rows, cond_rows, uncond_flags, start = [], [], [], 0
     for seg in group:
         n = seg.x.shape[0]
         if seg.adapted:
             rows.extend(range(start, start + n))
+            uncond_flags.extend([seg.uncond] * n)
             if not seg.uncond:
                 cond_rows.extend(range(start, start + n))
         start += n
     unet = checkpoint.unet
-    assert "forward" not in unet.__dict__, "the source UNet's forward is already replaced"
-    unet.forward = controlled_forward(unet, controls.active, torch.tensor(rows, device=device),
-                                      torch.tensor(cond_rows, device=device, dtype=torch.long), controls.on_call)
-    try:
+    row_index = torch.tensor(rows, device=device, dtype=torch.long)
+    with contextlib.ExitStack() as stack:
+        if controls.active:
+            assert "forward" not in unet.__dict__, "the source UNet's forward is already replaced"
+            unet.forward = controlled_forward(unet, controls.active, row_index,
+                                              torch.tensor(cond_rows, device=device, dtype=torch.long),
+                                              controls.on_call)
+            stack.callback(unet.__dict__.pop, "forward", None)
+        stack.enter_context(image_prompt_forwards(unet, controls.prompts, row_index,
+                                                  torch.tensor(uncond_flags, dtype=torch.bool)))
         yield
-    finally:
-        del unet.forward
 
 
 @dataclass
@@ -181,13 +190,13 @@ class LegRequest:
     """What one denoiser call of the target asks of the source pair."""
 
     step: int  # the target denoiser's call counter: picks the prompt-schedule stage
+    moment: Moment  # where sampling is, as the host's own units read it: the units' windows
     cond_scale: float
     skip_uncond: bool  # the target skipped its uncond rows at this call (NGMS / skip early CFG)
     cond_only: bool  # the user's cheaper variant: no uncond rows and no CFG for the source legs
     batch_legs: bool
     wrapper: str = "k"  # "lcm" (LCM scales x0 its own way) or "timesteps" (DDIM/PLMS/UniPC): denoiser_for
-    total_steps: int = 1  # with ``step``: the ControlNet units' windows
-    controls: ControlStack | None = None  # the adapted leg's ControlNet units
+    controls: ControlStack | None = None  # the adapted leg's ControlNet and IP-Adapter units
     forge: bool = False  # combine AND-terms as Forge does (lib_delta.composition)
 
 
@@ -220,8 +229,8 @@ class SourceLegs:
         controls = None
         if req.controls is not None:
             height, width = (int(n) * LATENT_CELL for n in x.shape[-2:])  # the hint is at the legs' pixel size
-            controls = ControlScope(req.controls.active(req.step, req.total_steps, width, height),
-                                    req.controls.count_call)
+            controls = ControlScope(req.controls.active(req.moment, width, height), req.controls.count_call,
+                                    req.controls.image_prompts(req.moment))
         if pair.shares_weights and req.batch_legs:
             _run_segments(pair.base, [s for _, segs, _ in legs for s in segs], pair.runtime_lora, wrapper, controls)
         else:

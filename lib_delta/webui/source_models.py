@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 
-from ..control_units import ControlUnit
+from ..clip_vision import ClipVision, ClipVisionError, read_clip_vision
+from ..control_units import IP_ENCODERS, ControlUnit
 from ..controlnet import ControlNet, build_controlnet, expand_control_lora
 from ..controlnet_files import ControlNetFileError, read_controlnet
 from ..errors import DeltaSamplingError, OutOfMemory
+from ..ip_adapter import IPAdapter, IPAdapterFileError, build_ip_adapter, is_ip_adapter, read_ip_adapter
 from ..latent import LATENT_FORMATS, LatentFormat
 from ..lora import LoraError, LoraMisfitError, LoraNetwork, MergedLora, RuntimeLora, merge, parse_network
 from ..lora_keys import layers_named_per_family
@@ -41,6 +43,8 @@ from ..residency import Offloader
 from .precision import Precision, Storage, current_precision, leg_precision, store_fp8
 
 CONTROLNETS_PER_CHECKPOINT = 4
+ENCODERS_KEPT = 1
+"""CLIP vision encoders (IP-Adapter units) the cache keeps between generations (ViT-H is 2.5 GB in fp32)."""
 
 
 class SourceModelError(DeltaSamplingError):
@@ -274,14 +278,18 @@ class LoadedCheckpoint:
         """The dtype the UNet computes in (ControlNets are built in it): its storage dtype, never fp8."""
         return self.storage.dtype if self.storage is not None else next(self.unet.parameters()).dtype
 
-    def controlnet(self, name: str, filename: str) -> ControlNet:
-        """The ControlNet in ``filename`` built for this checkpoint's UNet (cached; at most
+    def controlnet(self, name: str, filename: str) -> ControlNet | IPAdapter:
+        """The ControlNet or IP-Adapter in ``filename`` built for this checkpoint's UNet (cached; at most
         :data:`CONTROLNETS_PER_CHECKPOINT` per checkpoint, least recently used freed first)."""
         key = _file_key(filename)
         net = self.controlnets.get(key)
         if net is None:
             state_dict = read_checked_state_dict(filename, "ControlNet file")
             try:
+                if is_ip_adapter(state_dict):
+                    net = build_ip_adapter(self.unet, read_ip_adapter(state_dict, name), source=self.info.name,
+                                           source_family=self.family, device=self.device, dtype=self.compute_dtype)
+                    return self._keep(key, net)
                 cn = read_controlnet(state_dict, name)
                 if cn.kind == "control_lora":
                     _refuse_packed(self, f"the control-LoRA {name}")
@@ -289,14 +297,18 @@ class LoadedCheckpoint:
                 net = build_controlnet(self.unet, self.unet_kwargs, cn, device=self.device, dtype=self.compute_dtype,
                                        source=self.info.name, source_family=self.family,
                                        stored_as=self.controlnet_storage)
-            except ControlNetFileError as exc:
+            except (ControlNetFileError, IPAdapterFileError) as exc:
                 raise SourceModelError(f"{exc} ({filename})") from exc
             finally:
                 del state_dict
-            while len(self.controlnets) >= CONTROLNETS_PER_CHECKPOINT:
-                self.controlnets.popitem(last=False)
-            self.controlnets[key] = net
+            return self._keep(key, net)
         self.controlnets.move_to_end(key)
+        return net
+
+    def _keep(self, key: tuple, net: ControlNet | IPAdapter) -> ControlNet | IPAdapter:
+        while len(self.controlnets) >= CONTROLNETS_PER_CHECKPOINT:
+            self.controlnets.popitem(last=False)
+        self.controlnets[key] = net
         return net
 
     def denoiser_for(self, wrapper: str) -> torch.nn.Module:
@@ -722,11 +734,29 @@ class SourcePair:
         return any(path.startswith(root) for net, _ in self.loras for path in net.modules)
 
 
+def _unit_for(unit: ControlUnit, net: ControlNet | IPAdapter, index: int) -> ControlUnit:
+    """The unit with its module checked against its file: an IP-Adapter takes a CLIP vision encoder (the default
+    "none" becomes ip-adapter-auto), a ControlNet a preprocessor."""
+    import dataclasses
+
+    if isinstance(net, IPAdapter):
+        if unit.module == "none":
+            return dataclasses.replace(unit, module="ip-adapter-auto")
+        if not unit.is_image_prompt:
+            raise SourceModelError(f"controlnet[{index}]: module: {unit.model} is an IP-Adapter; its module is the "
+                                   f"image encoder ({', '.join(IP_ENCODERS)}), not the preprocessor {unit.module!r}")
+    elif unit.is_image_prompt:
+        raise SourceModelError(f"controlnet[{index}]: module: {unit.module} is an IP-Adapter image encoder, but "
+                               f"{unit.model} is a ControlNet")
+    return unit
+
+
 class SourceCache:
     """The owner of every source model DS keeps loaded. Thread-safe; one instance, :data:`CACHE`."""
 
     def __init__(self) -> None:
         self._models: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
+        self._encoders: OrderedDict[tuple, ClipVision] = OrderedDict()  # IP-Adapter units' CLIP vision towers
         self.loader = load_checkpoint  # the host's: Forge installs its own (lib_delta.forge.source_models)
         self._lock = threading.RLock()
         self.last_event = "nothing loaded yet"
@@ -811,18 +841,45 @@ class SourceCache:
                     raise SourceModelError(f"loras: {exc}") from exc
                 adapted.runtime_lora = runtime
             controls = []
-            for unit in params.controlnet:
-                name, filename = resolve_controlnet(unit.model)
+            for index, asked in enumerate(params.controlnet):
+                name, filename = resolve_controlnet(asked.model)
                 fresh = _file_key(filename) not in adapted.controlnets
                 title = f"{name} [{controlnet_hash(name, filename)}]"
-                controls.append((unit, adapted.controlnet(name, filename), title))
+                net = adapted.controlnet(name, filename)
+                unit = _unit_for(asked, net, index)
+                controls.append((unit, net, title))
                 if fresh:
-                    loaded_now.append(f"ControlNet {name}")
+                    loaded_now.append(f"{'IP-Adapter' if unit.is_image_prompt else 'ControlNet'} {name}")
             self.last_event = (f"loaded {', '.join(loaded_now)}" if loaded_now
                                else "reused the cached source models (nothing loaded)")
             if networks:
                 self.last_event += "; LoRA " + "; ".join(net.summary() for net, _ in networks)
             return SourcePair(base, adapted, networks, runtime, loaded_now, controls)
+
+    def encoder(self, filename: str, device: torch.device, dtype: torch.dtype) -> tuple[ClipVision, bool]:
+        """The CLIP vision encoder in ``filename`` (kept: at most :data:`ENCODERS_KEPT`, least recently used freed
+        first); returns (encoder, loaded_now)."""
+        key = (*_file_key(filename), str(dtype))
+        with self._lock:
+            found = self._encoders.get(key)
+            if found is not None:
+                self._encoders.move_to_end(key)
+                if next(found.parameters()).device != device:
+                    found.to(device)
+                return found, False
+            while len(self._encoders) >= ENCODERS_KEPT:
+                self._encoders.popitem(last=False)[1].to(device="meta")
+            gc.collect()
+            state_dict = read_checked_state_dict(filename, "CLIP vision file")
+            try:
+                encoder = read_clip_vision(state_dict, os.path.basename(filename), device=device, dtype=dtype)
+            except ClipVisionError as exc:
+                raise SourceModelError(f"{exc} ({filename})") from exc
+            finally:
+                del state_dict
+            encoder.filename = filename
+            self._encoders[key] = encoder
+            return encoder, True
 
     def park(self) -> None:
         """Apply the residency setting after a generation: stay, move to CPU, or unload."""
@@ -835,6 +892,8 @@ class SourceCache:
             elif residency == "cpu" and devices.device.type != "cpu":
                 for loaded in self._models.values():
                     loaded.move(devices.cpu)
+                for encoder in self._encoders.values():
+                    encoder.to(devices.cpu)
                 _empty_device_cache()
 
     def unload(self) -> int:
@@ -847,6 +906,9 @@ class SourceCache:
                 # returns even while some object (a finished job, a traceback) still references a model.
                 loaded.free()
             self._models.clear()
+            for encoder in self._encoders.values():
+                encoder.to(device="meta")
+            self._encoders.clear()
             self.last_event = f"unloaded {count} source model(s)" if count else self.last_event
         gc.collect()
         _empty_device_cache()
@@ -872,9 +934,12 @@ class SourceCache:
                                "not_applied_keys": len(net.not_applied), "first_not_applied": net.not_applied[:3],
                                "module_types": net.kinds()} for net in loaded.lora_cache.values()],
                 })
+            encoders = [{"name": encoder.config.name, "file": key[0], "bytes": _param_bytes(encoder, seen),
+                         "device": str(next(encoder.parameters()).device)} for key, encoder in self._encoders.items()]
             return {
                 "models": models,
-                "total_bytes": sum(m["bytes"] for m in models),
+                "encoders": encoders,
+                "total_bytes": sum(m["bytes"] for m in models) + sum(e["bytes"] for e in encoders),
                 "cache_size": self._limit(),
                 "last_event": self.last_event,
                 "last_generation": dict(self.last_generation),

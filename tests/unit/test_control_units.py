@@ -23,6 +23,7 @@ from lib_delta.control_units import (
     UNIT_FIELDS,
     ControlStack,
     ControlUnit,
+    Moment,
     decode_image,
     fit,
     forge_soft_middle,
@@ -153,8 +154,8 @@ def test_soft_injection_table_and_the_sdxl_rule():
 
 def test_window_is_a_step_fraction_inclusive_at_both_ends_and_weight_zero_is_off():
     unit = ControlUnit("cn", guidance_start=0.25, guidance_end=0.5)
-    assert [unit.active_at(step, 4) for step in range(4)] == [False, True, True, False]
-    assert not ControlUnit("cn", weight=0.0).active_at(0, 4)
+    assert [unit.active_at(Moment(step / 4)) for step in range(4)] == [False, True, True, False]
+    assert not ControlUnit("cn", weight=0.0).active_at(Moment(0.0))
 
 
 # --- control maps --------------------------------------------------------------------------------------------------
@@ -306,11 +307,11 @@ def test_control_stack_runs_only_active_units_and_makes_each_hint_once():
     units = [ControlUnit("a", guidance_end=0.5), ControlUnit("b", weight=0.0), ControlUnit("c", module="invert",
                                                                                            guidance_start=0.5)]
     stack = ControlStack([(u, _toy_controlnet(unet, i), image) for i, u in enumerate(units)])
-    early = stack.active(0, 4, 64, 64)
-    late = stack.active(3, 4, 64, 64)
+    early = stack.active(Moment(0.0), 64, 64)
+    late = stack.active(Moment(0.75), 64, 64)
     assert [c.net for c in early] == [stack.entries[0][1]] and [c.net for c in late] == [stack.entries[2][1]]
     assert early[0].hint.shape == (1, 3, 64, 64) and early[0].hint.max() == 1.0
     assert torch.equal(late[0].hint, 1 - stack.hint(0, 64, 64))  # invert
-    assert stack.active(0, 4, 64, 64)[0].hint is early[0].hint  # cached per size
+    assert stack.active(Moment(0.0), 64, 64)[0].hint is early[0].hint  # cached per size
     assert stack.hint(0, 128, 64).shape == (1, 3, 64, 128)
-    assert stack.any_active(0, 4) and not ControlStack(stack.entries[1:2]).any_active(0, 4)
+    assert stack.any_active(Moment(0.0)) and not ControlStack(stack.entries[1:2]).any_active(Moment(0.0))

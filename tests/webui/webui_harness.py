@@ -390,8 +390,10 @@ def make_data_dir(data_dir: Path, models: TinyModels, default: Checkpoint, confi
         (lora_dir / lo.file).symlink_to(lo.path)
     cn_dir = data_dir / "models" / "ControlNet"  # where the extension (and sd-webui-controlnet) look first
     cn_dir.mkdir(parents=True, exist_ok=True)
-    for path in (models.root / "ControlNet").glob("*.safetensors"):
+    for path in (models.root / "ControlNet").iterdir():  # ControlNets and IP-Adapters
         (cn_dir / path.name).symlink_to(path)
+    if (models.root / "clip_vision").is_dir():  # the IP-Adapter fixtures' image encoders
+        (data_dir / "models" / "clip_vision").symlink_to(models.root / "clip_vision", target_is_directory=True)
     ext = ext_dir / EXTENSION_NAME
     ext.symlink_to(PROJECT_ROOT, target_is_directory=True)
     support = ext_dir / SUPPORT_NAME
