@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -311,3 +312,18 @@ def test_clip_vision_reads_its_shapes_and_refuses_other_layouts():
         read_clip_vision({k: v for k, v in state.items() if k != "vision_model.encoder.layers.1.mlp.fc2.weight"}, "t")
     with pytest.raises(ValueError, match="open_clip"):
         read_clip_vision({"visual.conv1.weight": torch.zeros(1)}, "t")
+
+
+def test_each_hosts_preprocessing():
+    from lib_delta.clip_vision import CLIP_MEAN, CLIP_STD, pixels_a1111, pixels_forge
+
+    square = np.full((32, 32, 3), 128, dtype=np.uint8)
+    expected = (128 / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    for make in (pixels_a1111, pixels_forge):
+        got = make(square, 32)
+        assert got.shape == (1, 3, 32, 32)
+        np.testing.assert_allclose(got[0, :, 0, 0].numpy(), expected, rtol=1e-6)
+    wide = np.zeros((32, 64, 3), dtype=np.uint8)
+    wide[:, 16:48] = 255  # a white centre square between black side bands
+    assert pixels_forge(wide, 32)[0, 0].min() > 1.5  # centre-cropped: all white
+    assert pixels_a1111(wide, 32)[0, 0].min() < 0  # squashed: the bands stay
