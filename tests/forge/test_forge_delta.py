@@ -280,6 +280,24 @@ def test_controlnet_unit_equals_forges_own_controlnet(forge, mode):
     assert gen["skipped_calls"] == 1, gen  # step 4: no unit active, the legs do not run
 
 
+@pytest.mark.parametrize(("steps", "sampler"), [(4, "Euler"), (6, "Euler"), (4, "Heun")])
+def test_controlnet_window_inside_the_steps_equals_forges_own_controlnet(forge, steps, sampler):
+    """A window that starts and ends inside the steps: Forge compares each call's sigma with percent_to_sigma(start)
+    and percent_to_sigma(end), and so must DS (Heun: two model calls per step, each with its own sigma)."""
+    from test_delta_controlnet import control_image
+
+    a, _ = titles(forge)
+    unit = {"image": control_image(), "weight": 1.0, "guidance_start": 0.25, "guidance_end": 0.75,
+            "resize_mode": "Just Resize", "pixel_perfect": False, "processor_res": 64}
+    payload = forge.payload("forge-sd15-a", PROMPT, steps=steps, sampler_name=sampler)
+    plain, theirs, ours = forge_and_ds_controlnet(forge, payload, unit, a)
+    effect = mean_abs_diff(theirs["images"][0], plain)
+    print(f"{steps} {sampler}: effect {effect:.2f}; DS vs Forge's ControlNet mean "
+          f"{mean_abs_diff(ours, theirs['images'][0]):.4f}")
+    assert effect > 0.5
+    assert_same_image(ours, theirs["images"][0], f"window [.25, .75], {steps} steps {sampler}")
+
+
 def test_sd15_controlnet_steers_an_sdxl_target_on_forge(forge):
     from test_delta_controlnet import control_image
 

@@ -76,10 +76,10 @@ def test_two_units_with_windows_and_hires_equal_the_direct_path(webui):
     assert_same_image(res["images"][0], direct_image["images"][0], "two units + hires")
     gen = last_generation(webui)
     assert gen["legs_sizes"] == [[64, 64], [96, 96]], gen  # the hint follows the hires pass's size
-    # first pass steps 0..3 (unit 1 at 0, .25, .5; unit 2 at .25 .. .75), hires steps 0..1 (unit 1 at 0, .5; unit 2 at
-    # .5): 3 + 3 + 2 + 1 ControlNet calls
-    assert gen["controlnet_calls"] == 9, gen
-    assert "Direct ControlNet calls: 9" in infotext(direct_image)
+    # sd-webui-controlnet's clock, the webui's step fraction, lags one step: the first pass's 4 calls see 0, 0, .25,
+    # .5 (unit 1 ends at .5: all 4; unit 2 starts at .25: 2), the hires pass's 2 calls 0, 0 (unit 1: 2, unit 2: 0)
+    assert gen["controlnet_calls"] == 8, gen
+    assert "Direct ControlNet calls: 8" in infotext(direct_image)
 
 
 def test_lambda_zero_weight_zero_and_outside_the_window_change_nothing_and_run_nothing(webui):

@@ -80,6 +80,7 @@ def peer():
     (data_dir / "extensions" / "sd-webui-controlnet").symlink_to(PEER_DIR, target_is_directory=True)
     annotators = data_dir / "annotators"  # it writes there at start-up; keep its own folder untouched
     annotators.mkdir()
+    (annotators / "clip_vision").symlink_to(root / "clip_vision", target_is_directory=True)  # its clip_h.pth
     ui = h.start_webui(models, data_dir, c["name"], extra_args=["--controlnet-annotator-models-path",
                                                                  str(annotators)])
     try:
@@ -117,3 +118,59 @@ def test_ds_with_a_unit_equals_sd_webui_controlnet(peer, mode):
     assert effect > 1.0
     assert peak <= MAX_PIXEL_DIFF and mean <= MEAN_PIXEL_DIFF, (mean, peak)
     assert image_array(plain["images"][0]).tobytes() == image_array(peer.txt2img(payload)["images"][0]).tobytes()
+
+
+def _their_unit(ui, model_prefix: str, unit: dict) -> dict:
+    names = ui.get("/controlnet/model_list").json()["model_list"]
+    found = [n for n in names if n.startswith(model_prefix + " [") or n == model_prefix]
+    assert found, names
+    return {**unit, "enabled": True, "model": found[0], "save_detected_map": True}
+
+
+def _compare(peer, payload: dict, units: tuple[dict, dict], what: str, min_effect: float) -> None:
+    their_unit, our_unit = units
+    t0 = time.monotonic()
+    plain = peer.txt2img(payload)
+    theirs = peer.txt2img({**payload, "alwayson_scripts": {"controlnet": {"args": [their_unit]}}})
+    # it fails silently (HTTP 200 and a plain image): the unit ran only if its input came back as a second image
+    # and the image changed
+    assert len(theirs["images"]) == 2, f"{what}: sd-webui-controlnet did not run the unit"
+    ours = peer.txt2img({**payload, "alwayson_scripts": ds(scale=1.0, source=peer.default_checkpoint,
+                                                           controlnet=[our_unit])})
+    effect = mean_abs_diff(theirs["images"][0], plain["images"][0])
+    mean, peak = mean_abs_diff(ours["images"][0], theirs["images"][0]), max_diff(ours["images"][0],
+                                                                                 theirs["images"][0])
+    print(f"{what}: unit effect {effect:.2f} levels; DS vs sd-webui-controlnet mean {mean:.4f}, max {peak} "
+          f"({time.monotonic() - t0:.0f} s for 3 requests)")
+    assert effect > min_effect, f"{what}: the peer's unit should change the image (mean {effect:.3f})"
+    assert peak <= MAX_PIXEL_DIFF and mean <= MEAN_PIXEL_DIFF, (what, mean, peak)
+
+
+@pytest.mark.parametrize(("steps", "sampler"), [(4, "Euler"), (6, "Euler"), (4, "Heun")])
+def test_window_inside_the_steps_equals_sd_webui_controlnet(peer, steps, sampler):
+    """A window that starts and ends inside the steps: sd-webui-controlnet reads the webui's step fraction, which the
+    sampler's callback sets after each step (a one-step lag; both ends inclusive), and so must DS."""
+    unit = {"image": control_image(), "module": "none", "weight": 1.0, "guidance_start": 0.25, "guidance_end": 0.75,
+            "resize_mode": "Just Resize", "pixel_perfect": False, "processor_res": 64}
+    _compare(peer, peer.payload("peer-sd15", steps=steps, sampler_name=sampler),
+             (_their_unit(peer, "control_sd15_peer", unit), {**unit, "model": "control_sd15_peer"}),
+             f"ControlNet window [.25, .75], {steps} steps {sampler}", 0.3)
+
+
+def _reference_224() -> str:
+    from test_delta_ip_adapter import reference_image
+
+    return reference_image(224)
+
+
+@pytest.mark.parametrize(("model", "extra", "steps"), [
+    ("ip-adapter_sd15_peer", {}, 4),
+    ("ip-adapter_sd15_peer", {"weight": 0.6, "guidance_start": 0.25, "guidance_end": 0.75}, 6),
+    ("ip-adapter-plus_sd15_peer", {}, 4),
+])
+def test_ip_adapter_unit_equals_sd_webui_controlnets(peer, model, extra, steps):
+    """DS(A, A, A + IP-Adapter, lambda 1) against sd-webui-controlnet's IP-Adapter on A: the same file, reference
+    image (224 x 224), weight and window; plus: its shipped uncond hidden states on both sides."""
+    unit = {"image": _reference_224(), "module": "ip-adapter_clip_h", "weight": 1.0, **extra}
+    _compare(peer, peer.payload("peer-sd15", steps=steps), (_their_unit(peer, model, unit), {**unit, "model": model}),
+             f"{model} {extra}", 0.3)
