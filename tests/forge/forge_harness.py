@@ -104,6 +104,9 @@ def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | No
     cn_dir.mkdir(parents=True, exist_ok=True)
     for path in (models.root / "ControlNet").glob("*.safetensors"):
         (cn_dir / path.name).symlink_to(path)
+    if (models.root / "ControlNetPreprocessor").is_dir():  # the IP-Adapter fixture's image encoder
+        (data_dir / "models" / "ControlNetPreprocessor").symlink_to(models.root / "ControlNetPreprocessor",
+                                                                     target_is_directory=True)
     (data_dir / "extensions").mkdir(exist_ok=True)
     if extension:  # False: the same Forge without this project (the bench's "absent" process)
         (data_dir / "extensions" / h.EXTENSION_NAME).symlink_to(h.PROJECT_ROOT, target_is_directory=True)

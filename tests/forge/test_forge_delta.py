@@ -298,6 +298,32 @@ def test_controlnet_window_inside_the_steps_equals_forges_own_controlnet(forge, 
     assert_same_image(ours, theirs["images"][0], f"window [.25, .75], {steps} steps {sampler}")
 
 
+def test_ip_adapter_unit_on_forge(forge):
+    """An IP-Adapter unit on Forge (its encoder read from Forge's models/ControlNetPreprocessor, Forge's preprocessing
+    and window rule): lambda 0 and weight 0 are DS off bit for bit; the unit changes the SD1.5 image and, through the
+    SD1.5 pair, an SDXL target. (Forge's own IP-Adapter cannot judge these: it hard-codes the real SD1.5 block ids,
+    which this fixture's 2-level UNet does not have.)"""
+    from test_delta_ip_adapter import reference_image
+
+    a, _ = titles(forge)
+    unit = {"model": "ip-adapter_forge_sd15", "module": "CLIP-ViT-H (IPAdapter)", "image": reference_image(),
+            "guidance_end": 0.8}
+    for target in ("forge-sd15-a", "forge-sdxl-a"):
+        payload = forge.payload(target, PROMPT, steps=4)
+        off = forge.txt2img(payload)["images"][0]
+        zero = forge.txt2img({**payload, "alwayson_scripts": ds(scale=0.0, source=a, controlnet=[unit])})
+        idle = forge.txt2img({**payload, "alwayson_scripts": ds(scale=1.0, source=a,
+                                                                controlnet=[{**unit, "weight": 0.0}])})
+        res = forge.txt2img({**payload, "alwayson_scripts": ds(scale=1.0, source=a, controlnet=[unit])})
+        assert same_bytes(zero["images"][0], off) and same_bytes(idle["images"][0], off), target
+        effect = mean_abs_diff(res["images"][0], off)
+        assert effect > 0.5, f"{target}: the IP-Adapter unit should change the image (mean {effect:.3f})"
+        assert "Module: ip-adapter_clip_h" in infotext(res) and "ip-adapter_forge_sd15 [" in infotext(res)
+    status = forge.get("/delta-sampling/v1/status").json()
+    assert status["encoders"] and "ControlNetPreprocessor" in status["encoders"][0]["file"], status["encoders"]
+    assert status["last_generation"]["image_encoder_runs"] == 1, status["last_generation"]
+
+
 def test_sd15_controlnet_steers_an_sdxl_target_on_forge(forge):
     from test_delta_controlnet import control_image
 
