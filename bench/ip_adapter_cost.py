@@ -49,7 +49,14 @@ def main() -> None:
     sys.path.insert(0, str(webui / "repositories" / "stable-diffusion-stability-ai"))
 
     from lib_delta.clip_vision import ClipVision, ClipVisionConfig
-    from lib_delta.ip_adapter import ImagePrompt, IPAdapter, IPAdapterFile, attn2_layers, image_prompt_forwards
+    from lib_delta.ip_adapter import (
+        ImagePrompt,
+        IPAdapter,
+        IPAdapterFile,
+        attn2_layers,
+        image_attention,
+        image_prompt_forwards,
+    )
 
     vit_h = ClipVisionConfig(hidden=1280, layers=32, intermediate=5120, patch=14, image_size=224, projection=1024)
     tower = ClipVision(vit_h).eval()
@@ -83,9 +90,31 @@ def main() -> None:
         with torch.no_grad(), image_prompt_forwards(unet, with_prompts, rows, uncond):
             unet(x, t, context)
 
-    forward([])  # warm-up
+    # the inputs each cross-attention layer sees (recorded in one forward): the image term alone is timed on them
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(path: str):
+        def hook(_module: torch.nn.Module, args: tuple) -> None:  # returns None: the call's inputs stay as they are
+            seen.setdefault(path, args[0][2:].clone())
+        return hook
+
+    hooks = [unet.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths]
+    forward([])  # also the warm-up
+    for hook in hooks:
+        hook.remove()
+
+    def image_terms(prompt: ImagePrompt) -> None:
+        with torch.no_grad():
+            for index, path in enumerate(paths):
+                layer = unet.get_submodule(path)
+                term = image_attention(layer, seen[path], torch.cat([prompt.cond, prompt.uncond]),
+                                       prompt.adapter.to_k_ip[index], prompt.adapter.to_v_ip[index])
+                torch.nn.functional.linear(term, layer.to_out[0].weight)
+
     results = {"plain": [], "4 tokens": prompts(4), "16 tokens": prompts(16)}
     seconds = {name: _median_seconds(lambda p=p: forward(p), args.repeats) for name, p in results.items()}
+    alone = {name: _median_seconds(lambda p=p: image_terms(p[0]), max(args.repeats, 5))
+             for name, p in results.items() if p}
     base = seconds["plain"]
     print(f"threads {args.threads}, repeats {args.repeats}")
     print(f"| ViT-H/14 encode, one 224 x 224 image | {encode:.2f} s | {encode / base:.2f} x one legs' forward |")
@@ -93,6 +122,8 @@ def main() -> None:
     for name in ("4 tokens", "16 tokens"):
         print(f"| the same with a unit of {name} on the 2 adapted rows | {seconds[name]:.2f} s | "
               f"{seconds[name] / base:.3f} |")
+        print(f"| the unit's image term alone ({name}, 2 rows, all 16 layers: q, K/V, attention, W_out) | "
+              f"{alone[name]:.3f} s | {alone[name] / base:.4f} |")
 
 
 if __name__ == "__main__":

@@ -373,8 +373,8 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def preprocess(unit: ControlUnit, image: np.ndarray, width: int, height: int) -> np.ndarray:
     """The unit's preprocessor applied to ``image`` (the generation is ``width`` x ``height``)."""
-    if unit.module == "none":
-        return image
+    if unit.module == "none" or unit.is_image_prompt:
+        return image  # an IP-Adapter's reference image goes to its encoder as it is
     if unit.module == "invert":
         return 255 - image
     import cv2

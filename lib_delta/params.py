@@ -110,10 +110,12 @@ SETTINGS: tuple[Setting, ...] = (
             "leg); fine detail of the delta above the coarse grid is lost. 2/3/4: that pooling factor.",
             choices=RESOLUTION_CHOICES, advanced=True, xyz=True),
     # Last: in the UI's positional form its slot is replaced by the unit tabs' flat fields (see from_positional).
-    Setting("controlnet", "ControlNet on the adapted leg", "Delta ControlNet", "controlnet", (),
-            "ControlNet units applied to the adapted leg only (a list of unit dicts with sd-webui-controlnet's field "
-            "names: model, image as base64, module, weight, guidance_start, guidance_end, control_mode, resize_mode, "
-            "pixel_perfect, processor_res, threshold_a, threshold_b). The base leg and the target never see them."),
+    Setting("controlnet", "ControlNet / IP-Adapter on the adapted leg", "Delta ControlNet", "controlnet", (),
+            "ControlNet and IP-Adapter units applied to the adapted leg only (a list of unit dicts with "
+            "sd-webui-controlnet's field names: model, image as base64, module (a preprocessor, or for an IP-Adapter "
+            "its image encoder: ip-adapter_clip_h, ip-adapter_clip_g, ip-adapter-auto), weight, guidance_start, "
+            "guidance_end, control_mode, resize_mode, pixel_perfect, processor_res, threshold_a, threshold_b). The "
+            "base leg and the target never see them."),
 )
 
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

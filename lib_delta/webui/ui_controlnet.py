@@ -114,7 +114,7 @@ def build(elem_id: Callable[[str], str]) -> tuple[list[Any], list[tuple[Any, Cal
                     by_name["module"] = _component(UNIT_FIELDS_BY_NAME["module"], elem_id(f"controlnet_{index}_module"))
                     by_name["model"] = _component(UNIT_FIELDS_BY_NAME["model"], elem_id(f"controlnet_{index}_model"))
                     refresh = ToolButton(value="\U0001f504", elem_id=elem_id(f"controlnet_{index}_refresh"),
-                                         tooltip="Refresh the ControlNet list")
+                                         tooltip="Refresh the ControlNet / IP-Adapter list")
                 for f in UNIT_FIELDS:
                     if f.name not in by_name:
                         by_name[f.name] = _component(f, elem_id(f"controlnet_{index}_{f.name}"))

@@ -55,9 +55,14 @@ def forge_missing_reason() -> str | None:
 MISSING = forge_missing_reason()
 
 
-def ensure_forge_models() -> h.TinyModels:
-    digest = hashlib.sha256(GENERATOR.read_bytes() + h.GENERATOR.read_bytes()).hexdigest()[:16]
-    root = FORGE_CACHE / digest
+def ensure_forge_models(generator: Path = GENERATOR) -> h.TinyModels:
+    """The Forge tier's fixtures (or, with ``generator`` = fixtures/make_forge_peer_models.py, the IP-Adapter peer's),
+    generated once and cached by the generators' contents."""
+    sources = GENERATOR.read_bytes() + h.GENERATOR.read_bytes()
+    if generator != GENERATOR:
+        sources += generator.read_bytes()
+    digest = hashlib.sha256(sources).hexdigest()[:16]
+    root = FORGE_CACHE / (digest if generator == GENERATOR else f"{generator.stem}-{digest}")
     FORGE_CACHE.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     generated = False
@@ -66,7 +71,7 @@ def ensure_forge_models() -> h.TinyModels:
         if not (root / "manifest.json").is_file():
             root.mkdir(parents=True, exist_ok=True)
             with open(root / "generate.log", "w") as log:
-                subprocess.run([str(h.WEBUI_PYTHON), str(GENERATOR), "--webui-dir", str(h.WEBUI_DIR), "--out",
+                subprocess.run([str(h.WEBUI_PYTHON), str(generator), "--webui-dir", str(h.WEBUI_DIR), "--out",
                                 str(root)], check=True, cwd=h.WEBUI_DIR, env=h.webui_subprocess_env(), stdout=log,
                                stderr=subprocess.STDOUT, timeout=1200)
             generated = True

@@ -138,6 +138,40 @@ def test_controlnet_units_in_both_tabs_and_a_generation_with_one(webui, browser,
                 assert browser.find_elements(By.ID, f"script_{tab}_delta_sampling_controlnet_{index}_{f.name}"), (
                     tab, index, f.name)
 
+    text = _generate_with_unit(browser, image_path, "tiny-sd1-cn")
+    assert "Model: tiny-sd1-cn [" in text and "Delta source: tiny-sd1-a" in text
+
+
+def test_ip_adapter_units_in_both_tabs_and_a_generation_with_one(webui, browser, tmp_path):
+    from PIL import Image, ImageDraw
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image_path = tmp_path / "reference.png"
+    img = Image.new("RGB", (48, 48), (30, 90, 160))
+    ImageDraw.Draw(img).ellipse([4, 6, 40, 44], fill=(220, 180, 40))
+    img.save(image_path)
+
+    browser.get(webui.url)
+    WebDriverWait(browser, TIMEOUT).until(ec.visibility_of_element_located((By.ID, "txt2img_generate")))
+    for tab in ("txt2img", "img2img"):  # every unit tab takes an IP-Adapter: its model list and its encoders
+        for index in range(3):
+            model = browser.find_element(By.ID, f"script_{tab}_delta_sampling_controlnet_{index}_model")
+            module = browser.find_element(By.ID, f"script_{tab}_delta_sampling_controlnet_{index}_module")
+            assert "IP-Adapter model" in model.get_attribute("textContent"), (tab, index)
+            assert "encoder" in module.get_attribute("textContent"), (tab, index)
+
+    text = _generate_with_unit(browser, image_path, "tiny-sd1-ip-full", module="ip-adapter_clip_h")
+    assert "Model: tiny-sd1-ip-full [" in text and "Module: ip-adapter_clip_h" in text, text
+
+
+def _generate_with_unit(browser, image_path, model: str, module: str | None = None) -> str:
+    """In txt2img: open the accordion and the units, upload the image to unit 1, turn it on with ``model`` (and
+    ``module``), generate with source tiny-sd1-a at 64 x 64, 4 steps; returns the infotext once it names the unit."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     accordion = browser.find_element(By.ID, "script_txt2img_delta_sampling_enabled")
     browser.execute_script("arguments[0].scrollIntoView()", accordion)
     accordion.find_element(By.CSS_SELECTOR, ".label-wrap").click()
@@ -150,7 +184,9 @@ def test_controlnet_units_in_both_tabs_and_a_generation_with_one(webui, browser,
     WebDriverWait(browser, 20).until(lambda d: d.find_elements(
         By.CSS_SELECTOR, "#script_txt2img_delta_sampling_controlnet_0_image img"))
     browser.find_element(By.CSS_SELECTOR, "#script_txt2img_delta_sampling_controlnet_0_enabled input").click()
-    _pick(browser, "script_txt2img_delta_sampling_controlnet_0_model", "tiny-sd1-cn")
+    if module is not None:
+        _pick(browser, "script_txt2img_delta_sampling_controlnet_0_module", module)
+    _pick(browser, "script_txt2img_delta_sampling_controlnet_0_model", model)
     _set_number(browser, "txt2img_width", 64)
     _set_number(browser, "txt2img_height", 64)
     _set_number(browser, "txt2img_steps", 4)
@@ -161,5 +197,4 @@ def test_controlnet_units_in_both_tabs_and_a_generation_with_one(webui, browser,
         text = driver.find_element(By.ID, "html_info_txt2img").text
         return text if "Delta ControlNet 1" in text else False
 
-    text = WebDriverWait(browser, TIMEOUT).until(infotext)
-    assert "Model: tiny-sd1-cn [" in text and "Delta source: tiny-sd1-a" in text
+    return WebDriverWait(browser, TIMEOUT).until(infotext)

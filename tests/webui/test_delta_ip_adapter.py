@@ -109,7 +109,7 @@ def test_ip_adapter_and_controlnet_units_combine_with_a_lora_pair(webui):
     assert "tiny-sd1-cn [" in second and "Module: none" in second, second
 
 
-def test_sd1_ip_adapter_through_an_sd1_pair_steers_an_sdxl_target(webui):
+def test_ip_adapters_steer_a_target_of_another_family(webui):
     sd1 = webui.models.title("tiny-sd1-a")
     plain = webui.txt2img(webui.payload("tiny-sdxl-a"))
     res = webui.txt2img(webui.payload("tiny-sdxl-a", alwayson_scripts=ds(scale=1.0, source=sd1,
@@ -119,6 +119,13 @@ def test_sd1_ip_adapter_through_an_sd1_pair_steers_an_sdxl_target(webui):
     other = webui.txt2img(webui.payload("tiny-sdxl-a", alwayson_scripts=ds(
         scale=1.0, source=sd1, controlnet=[ip_unit(image=reference_image(hue=80))])))
     assert not same_bytes(res, other), "another reference image must give another image"
+    # and the reverse: an SDXL IP-Adapter through an SDXL pair steers an SD1 target
+    sdxl = webui.models.title("tiny-sdxl-a")
+    plain_sd1 = webui.txt2img(webui.payload("tiny-sd1-a"))
+    res_sd1 = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(scale=1.0, source=sdxl,
+                                                                          controlnet=[ip_unit("tiny-sdxl-ip")])))
+    effect = mean_abs_diff(res_sd1["images"][0], plain_sd1["images"][0])
+    assert effect > 0.5, f"the SDXL IP-Adapter should change the SD1 image (mean {effect:.3f})"
     s = status(webui)
     assert s["encoders"] and s["encoders"][0]["bytes"] > 0
     assert s["total_bytes"] >= sum(m["bytes"] for m in s["models"]) + s["encoders"][0]["bytes"]
