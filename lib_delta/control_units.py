@@ -196,6 +196,13 @@ def _unit_value(f: UnitField, value: Any, where: str) -> Any:
             raise ParamError(where, f"{f.name}: expected one of {', '.join(f.choices)}; got {value!r}")
         return value
     if f.kind == "image":
+        if isinstance(value, (list, tuple)):  # sd-webui-controlnet's several images: [{"image": ...}, ...]
+            if not value or not all(isinstance(item, Mapping) and "image" in item for item in value):
+                raise ParamError(where, "image: several images are a list of {\"image\": <base64>} dicts (as "
+                                        "sd-webui-controlnet takes them)")
+            for item in value:
+                _unit_value(f, item["image"], where)
+            return tuple(value)
         if value is not None and not isinstance(value, (str, np.ndarray, Mapping)) and not hasattr(value, "convert"):
             raise ParamError(where, f"image: expected base64 image text, got {type(value).__name__}")
         return value

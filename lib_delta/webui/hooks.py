@@ -209,6 +209,11 @@ def _control_image(p: Any, unit: Any, index: int) -> Any:
         image = p.init_images[0]
     if image is None:
         raise ParamError(where, f"image: unit {index + 1} ({unit.model}) has no control image; txt2img needs one")
+    if isinstance(image, tuple):  # several reference images (their tokens are averaged)
+        if not unit.is_image_prompt:
+            raise ParamError(where, f"image: unit {index + 1} ({unit.model}) is a ControlNet, which takes one "
+                                    "control image; several images are for IP-Adapter units")
+        return [decode_image(item, f"{where}.image[{i}]") for i, item in enumerate(image)]
     return decode_image(image, where)
 
 

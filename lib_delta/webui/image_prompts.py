@@ -118,8 +118,13 @@ class TokenMaker:
             self.runs += 1
         return found
 
-    def tokens(self, adapter: IPAdapter, encoder: ClipVision, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond) tokens of one unit, each (1, T, context), by the host's rules."""
+    def tokens(self, adapter: IPAdapter, encoder: ClipVision, image: np.ndarray | list[np.ndarray]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) tokens of one unit, each (1, T, context), by the host's rules. Several reference images:
+        the mean of their tokens, cond and uncond alike (sd-webui-controlnet's ``ImageEmbed.average_of``)."""
+        if isinstance(image, list):
+            pairs = [self.tokens(adapter, encoder, one) for one in image]
+            return tuple(torch.stack(side).sum(dim=0) / len(pairs) for side in zip(*pairs, strict=True))
         embeds, hidden = self.encode(encoder, image)
         width = embeds.shape[-1] if adapter.clip_input == "image_embeds" else hidden.shape[-1]
         return adapter.tokens(embeds if adapter.clip_input == "image_embeds" else hidden), self._uncond(

@@ -327,3 +327,30 @@ def test_each_hosts_preprocessing():
     wide[:, 16:48] = 255  # a white centre square between black side bands
     assert pixels_forge(wide, 32)[0, 0].min() > 1.5  # centre-cropped: all white
     assert pixels_a1111(wide, 32)[0, 0].min() < 0  # squashed: the bands stay
+
+
+def test_several_reference_images_average_their_tokens():
+    """sd-webui-controlnet's rule for a unit with several images: the mean of the images' cond and uncond tokens."""
+    from lib_delta.control_units import parse_unit
+    from lib_delta.webui.image_prompts import TokenMaker
+
+    config = ClipVisionConfig(hidden=32, layers=2, intermediate=32, patch=4, image_size=16, projection=WIDTH)
+    torch.manual_seed(0)
+    tower = ClipVision(config).eval()
+    for p in tower.parameters():
+        nn.init.normal_(p, std=0.2)
+    unet = tiny_unet()
+    rng = np.random.default_rng(0)
+    first, second = (rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2))
+    for adapter in (build_ip_adapter(unet, read_ip_adapter(plain_file(unet), "a"), source="s"),
+                    build_ip_adapter(unet, read_ip_adapter(plus_file(unet, hidden=32), "p"), source="s")):
+        maker = TokenMaker(forge=True)
+        one, two = maker.tokens(adapter, tower, first), maker.tokens(adapter, tower, second)
+        both = maker.tokens(adapter, tower, [first, second])
+        for side in (0, 1):
+            torch.testing.assert_close(both[side], (one[side] + two[side]) / 2)
+        assert maker.runs == (2 if adapter.variant == "plain" else 3)  # each image once (+ the black image for plus)
+    unit = parse_unit({"model": "m", "module": "ip-adapter_clip_h", "image": [{"image": "a"}, {"image": "b"}]})
+    assert len(unit.image) == 2
+    with pytest.raises(ValueError, match="list of"):
+        parse_unit({"model": "m", "image": ["a", "b"]})

@@ -134,7 +134,8 @@ def _compare(peer, payload: dict, units: tuple[dict, dict], what: str, min_effec
     theirs = peer.txt2img({**payload, "alwayson_scripts": {"controlnet": {"args": [their_unit]}}})
     # it fails silently (HTTP 200 and a plain image): the unit ran only if its input came back as a second image
     # and the image changed
-    assert len(theirs["images"]) == 2, f"{what}: sd-webui-controlnet did not run the unit"
+    inputs = len(their_unit["image"]) if isinstance(their_unit["image"], list) else 1
+    assert len(theirs["images"]) == 1 + inputs, f"{what}: sd-webui-controlnet did not run the unit"
     ours = peer.txt2img({**payload, "alwayson_scripts": ds(scale=1.0, source=peer.default_checkpoint,
                                                            controlnet=[our_unit])})
     effect = mean_abs_diff(theirs["images"][0], plain["images"][0])
@@ -157,20 +158,24 @@ def test_window_inside_the_steps_equals_sd_webui_controlnet(peer, steps, sampler
              f"ControlNet window [.25, .75], {steps} steps {sampler}", 0.3)
 
 
-def _reference_224() -> str:
+def _reference_224(hue: int = 0) -> str:
     from test_delta_ip_adapter import reference_image
 
-    return reference_image(224)
+    return reference_image(224, hue)
 
 
 @pytest.mark.parametrize(("model", "extra", "steps"), [
     ("ip-adapter_sd15_peer", {}, 4),
     ("ip-adapter_sd15_peer", {"weight": 0.6, "guidance_start": 0.25, "guidance_end": 0.75}, 6),
     ("ip-adapter-plus_sd15_peer", {}, 4),
+    ("ip-adapter_sd15_peer", {"image": "two"}, 4),  # two reference images: their tokens averaged
 ])
 def test_ip_adapter_unit_equals_sd_webui_controlnets(peer, model, extra, steps):
     """DS(A, A, A + IP-Adapter, lambda 1) against sd-webui-controlnet's IP-Adapter on A: the same file, reference
     image (224 x 224), weight and window; plus: its shipped uncond hidden states on both sides."""
+    what = f"{model} {extra}"
+    if extra.get("image") == "two":
+        extra = {"image": [{"image": _reference_224()}, {"image": _reference_224(hue=80)}]}
     unit = {"image": _reference_224(), "module": "ip-adapter_clip_h", "weight": 1.0, **extra}
     _compare(peer, peer.payload("peer-sd15", steps=steps), (_their_unit(peer, model, unit), {**unit, "model": model}),
-             f"{model} {extra}", 0.3)
+             what, 0.3)

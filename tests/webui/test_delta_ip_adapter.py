@@ -53,6 +53,7 @@ def same_bytes(a: dict, b: dict) -> bool:
     ("tiny-sd1-ip", {}), ("tiny-sd1-ip-plus", {}), ("tiny-sd1-ip-full", {}),
     ("tiny-sd1-ip-nested", {"weight": 0.6, "guidance_start": 0.25, "guidance_end": 0.75}),
     ("tiny-sdxl-ip", {}), ("tiny-sdxl-ip-plus", {"module": "ip-adapter-auto"}),
+    ("tiny-sd1-ip-plus", {"image": [{"image": reference_image()}, {"image": reference_image(hue=80)}]}),
 ])
 def test_unit_on_the_adapted_leg_equals_the_unit_applied_directly(webui, model, extra):
     family = "sdxl" if "sdxl" in model else "sd1"
@@ -142,6 +143,8 @@ def test_bad_ip_adapter_inputs_are_http_errors_naming_the_problem_and_the_next_r
         ({"model": "tiny-sd1-cn", "image": reference_image(), "module": "ip-adapter_clip_h"}, 422,
          "is an IP-Adapter image encoder, but tiny-sd1-cn is a ControlNet"),
         (ip_unit(image=None), 422, "has no control image"),
+        ({"model": "tiny-sd1-cn", "image": [{"image": reference_image()}] * 2}, 422,
+         "is a ControlNet, which takes one control image"),
     ]
     for bad, code, message in cases:
         offset = webui.log_offset()

@@ -54,7 +54,8 @@ class DirectControlNet(scripts.Script):
         for index, unit in enumerate(parse_units(args[0]["units"])):
             name, filename = resolve_controlnet(unit.model)
             state_dict = read_checked_state_dict(filename, "ControlNet")
-            image = decode_image(unit.image if unit.image is not None else p.init_images[0])
+            given = unit.image if unit.image is not None else p.init_images[0]
+            image = [decode_image(one) for one in given] if isinstance(given, tuple) else decode_image(given)
             if is_ip_adapter(state_dict):
                 net = build_ip_adapter(unet, read_ip_adapter(state_dict, name), source="the target",
                                        dtype=devices.dtype_unet)
