@@ -107,7 +107,7 @@ def main() -> None:
         with torch.no_grad():
             for index, path in enumerate(paths):
                 layer = unet.get_submodule(path)
-                term = image_attention(layer, seen[path], torch.cat([prompt.cond, prompt.uncond]),
+                term = image_attention(layer, layer.to_q(seen[path]), torch.cat([prompt.cond, prompt.uncond]),
                                        prompt.adapter.to_k_ip[index], prompt.adapter.to_v_ip[index])
                 torch.nn.functional.linear(term, layer.to_out[0].weight)
 

@@ -33,8 +33,6 @@ from torch import Tensor, nn
 from .controlnet_files import CONTEXT_DIM_FAMILY
 from .errors import DeltaSamplingError
 
-VARIANTS = ("plain", "plus", "full")
-
 
 class IPAdapterFileError(DeltaSamplingError, ValueError):
     """An IP-Adapter file cannot be used: unreadable, a face-model variant, or made for another family or encoder."""
@@ -292,7 +290,7 @@ def build_ip_adapter(unet: nn.Module, f: IPAdapterFile, *, source: str, source_f
     expected = adapter.state_dict()
     for key in expected:
         if key not in state:
-            raise IPAdapterFileError(f"ip-adapter: {f.name} lacks {key.replace('image_proj.', 'image_proj.', 1)}")
+            raise IPAdapterFileError(f"ip-adapter: {f.name} lacks {key}")
         if tuple(state[key].shape) != tuple(expected[key].shape):
             raise IPAdapterFileError(f"ip-adapter: {f.name}: {key} is {tuple(state[key].shape)}, its {f.variant} "
                                      f"projection needs {tuple(expected[key].shape)}")
@@ -344,11 +342,11 @@ class ImagePrompt:
     uncond: Tensor
 
 
-def image_attention(layer: nn.Module, x: Tensor, tokens: Tensor, to_k: nn.Linear, to_v: nn.Linear) -> Tensor:
-    """``Attn(to_q(x), to_k_ip(tokens), to_v_ip(tokens))`` per row, before ``to_out``: (B, N, inner)."""
+def image_attention(layer: nn.Module, q: Tensor, tokens: Tensor, to_k: nn.Linear, to_v: nn.Linear) -> Tensor:
+    """``Attn(q, to_k_ip(tokens), to_v_ip(tokens))`` per row, with ``q = layer.to_q(x)``, before ``to_out``:
+    (B, N, inner)."""
     heads = int(layer.heads)
-    b, n, _ = x.shape
-    q = layer.to_q(x)
+    b, n, _ = q.shape
     d = q.shape[-1] // heads
     k, v = to_k(tokens.to(to_k.weight.dtype)).to(q.dtype), to_v(tokens.to(to_v.weight.dtype)).to(q.dtype)
     q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
@@ -390,7 +388,7 @@ def image_prompt_forwards(unet: nn.Module, prompts: Sequence[ImagePrompt], rows:
             def forward(x: Tensor, *args: object, _own=own, _layer=layer, _index=index, **kwargs: object) -> Tensor:
                 out = _own(x, *args, **kwargs)
                 picked = rows.to(x.device)
-                sub = x[picked]
+                q = _layer.to_q(x[picked])  # once per call, shared by the units
                 total = None
                 for i, prompt in enumerate(prompts):
                     if prompt.adapter.to_k_ip[_index].weight.device != x.device:
@@ -398,7 +396,7 @@ def image_prompt_forwards(unet: nn.Module, prompts: Sequence[ImagePrompt], rows:
                     tokens = row_tokens.get(i)
                     if tokens is None or tokens.device != x.device:
                         tokens = row_tokens[i] = _row_tokens(prompt, uncond_rows, x.device)
-                    term = image_attention(_layer, sub, tokens, prompt.adapter.to_k_ip[_index],
+                    term = image_attention(_layer, q, tokens, prompt.adapter.to_k_ip[_index],
                                            prompt.adapter.to_v_ip[_index]) * prompt.weight
                     total = term if total is None else total + term
                 weight = _layer.to_out[0].weight  # no bias: the layer's own output has it already

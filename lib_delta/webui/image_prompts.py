@@ -99,12 +99,14 @@ def _shipped_uncond(name: str) -> torch.Tensor | None:
 
 @dataclass
 class TokenMaker:
-    """One generation's image encodings: each (encoder, image) encoded once; counts and times them."""
+    """One generation's image encodings: each (encoder, image) encoded once, sd-webui-controlnet's shipped uncond
+    tensors read once; counts and times the encodes."""
 
     forge: bool
     runs: int = 0
     seconds: float = 0.0
     _encoded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _shipped: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     def encode(self, encoder: ClipVision, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         key = (id(encoder), image.shape, hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest())
@@ -126,26 +128,30 @@ class TokenMaker:
             pairs = [self.tokens(adapter, encoder, one) for one in image]
             return tuple(torch.stack(side).sum(dim=0) / len(pairs) for side in zip(*pairs, strict=True))
         embeds, hidden = self.encode(encoder, image)
-        width = embeds.shape[-1] if adapter.clip_input == "image_embeds" else hidden.shape[-1]
-        return adapter.tokens(embeds if adapter.clip_input == "image_embeds" else hidden), self._uncond(
-            adapter, encoder, embeds, hidden, width)
-
-    def _uncond(self, adapter: IPAdapter, encoder: ClipVision, embeds: torch.Tensor, hidden: torch.Tensor,
-                width: int) -> torch.Tensor:
         if adapter.clip_input == "image_embeds":
-            return uncond_tokens(adapter, image_embeds=embeds)
+            return adapter.tokens(embeds), uncond_tokens(adapter, image_embeds=embeds)
+        cond = adapter.tokens(hidden)
+        return cond, self._hidden_uncond(adapter, encoder, hidden, cond)
+
+    def _hidden_uncond(self, adapter: IPAdapter, encoder: ClipVision, hidden: torch.Tensor,
+                       cond: torch.Tensor) -> torch.Tensor:
+        """Plus and full-face: sd-webui-controlnet's shipped tensors on A1111 where they fit, else the black image."""
         if not self.forge:
-            cond_tokens = adapter.tokens(hidden)
             if adapter.family == "sdxl" and adapter.variant == "plus":
-                shipped = _shipped_uncond("clip_vision_vith_uc.data")
-                if shipped is not None and shipped.shape == cond_tokens.shape:
-                    return uncond_tokens(adapter, fixed_tokens=shipped.to(cond_tokens))
+                shipped = self._shipped_tensor("clip_vision_vith_uc.data")
+                if shipped is not None and shipped.shape == cond.shape:
+                    return uncond_tokens(adapter, fixed_tokens=shipped.to(cond))
             else:
-                shipped = _shipped_uncond("clip_vision_h_uc.data")
+                shipped = self._shipped_tensor("clip_vision_h_uc.data")
                 if shipped is not None and shipped.shape == hidden.shape:
                     return uncond_tokens(adapter, fixed_hidden=shipped)
         black = np.zeros((encoder.config.image_size,) * 2 + (3,), dtype=np.uint8)
         return uncond_tokens(adapter, black_hidden=self.encode(encoder, black)[1])
+
+    def _shipped_tensor(self, name: str) -> torch.Tensor | None:
+        if name not in self._shipped:
+            self._shipped[name] = _shipped_uncond(name)
+        return self._shipped[name]
 
 
 def unit_tokens(units: list[tuple[ControlUnit, Any, np.ndarray]], maker: TokenMaker, encoder_for: Any

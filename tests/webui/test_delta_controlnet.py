@@ -82,27 +82,33 @@ def test_two_units_with_windows_and_hires_equal_the_direct_path(webui):
     assert "Direct ControlNet calls: 8" in infotext(direct_image)
 
 
-def test_lambda_zero_weight_zero_and_outside_the_window_change_nothing_and_run_nothing(webui):
+def assert_idle_units_change_nothing(webui, make_unit) -> None:
+    """lambda 0 is DS off bit for bit; a unit (``make_unit(**fields)``) at weight 0, or whose window holds no step, is
+    the pair without it, bit for bit, and never runs; adapted = base + an idle unit runs neither leg."""
     a = webui.models.title("tiny-sd1-a")
     lora = [{"name": "tiny-sd1-lora", "weight": 1.0}]
     off = webui.txt2img(webui.payload("tiny-sd1-a"))
     zero_lambda = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(scale=0.0, source=a,
-                                                                              controlnet=[unit()])))
+                                                                              controlnet=[make_unit()])))
     assert image_array(zero_lambda["images"][0]).tobytes() == image_array(off["images"][0]).tobytes()
 
-    # A unit at weight 0, or whose window holds no step, is the pair without it, bit for bit, and never runs.
     pair = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(scale=1.0, source=a, loras=lora)))
-    for idle in (unit(weight=0.0), unit(guidance_start=0.9)):
+    for idle in (make_unit(weight=0.0), make_unit(guidance_start=0.9)):
         res = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(scale=1.0, source=a, loras=lora,
                                                                           controlnet=[idle])))
         assert image_array(res["images"][0]).tobytes() == image_array(pair["images"][0]).tobytes(), idle
-        assert last_generation(webui)["controlnet_calls"] == 0
+        gen = last_generation(webui)
+        assert gen["controlnet_calls"] == 0 and gen["source_calls"] == 4, gen
     # Adapted = base + an idle unit: the delta is exactly 0, so the legs do not run either.
     res = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(scale=1.0, source=a,
-                                                                      controlnet=[unit(guidance_start=0.9)])))
+                                                                      controlnet=[make_unit(guidance_start=0.9)])))
     assert image_array(res["images"][0]).tobytes() == image_array(off["images"][0]).tobytes()
     gen = last_generation(webui)
     assert (gen["controlnet_calls"], gen["source_calls"], gen["skipped_calls"]) == (0, 0, 4), gen
+
+
+def test_lambda_zero_weight_zero_and_outside_the_window_change_nothing_and_run_nothing(webui):
+    assert_idle_units_change_nothing(webui, unit)
 
 
 def test_sd1_controlnet_steers_an_sdxl_target(webui):
@@ -165,10 +171,22 @@ def test_bad_controlnet_inputs_are_http_errors_naming_the_problem_and_the_next_r
 
 
 def test_img2img_unit_uses_the_init_image_and_its_infotext_pastes_back(webui):
-    a = webui.models.title("tiny-sd1-a")
     init = control_image()
     units = [{"model": "tiny-sd1-cn", "module": "invert", "weight": 0.8, "guidance_end": 0.8,
               "control_mode": "ControlNet is more important", "resize_mode": "Just Resize"}]
+    base, res, direct_image = img2img_with_units(webui, init, units)
+    assert_same_image(res["images"][0], direct_image["images"][0], "img2img, init image as the control image")
+    text = infotext(res)
+    line = unit_infotext(text)
+    assert "Model: tiny-sd1-cn [" in line and "Control Mode: ControlNet is more important" in line, line
+    again = webui.img2img({**base, "infotext": text})
+    assert image_array(again["images"][0]).tobytes() == image_array(res["images"][0]).tobytes()
+
+
+def img2img_with_units(webui, init: str, units: list[dict]) -> tuple[dict, dict, dict]:
+    """(the img2img payload on tiny-sd1-a with ``init``, DS's response with ``units`` on the adapted leg of (A, A),
+    the direct path's response), both from warm requests."""
+    a = webui.models.title("tiny-sd1-a")
     base = webui.payload("tiny-sd1-a", init_images=[init], denoising_strength=0.75)
     # Warm-up. The first img2img request of a webui process differs from the next identical one by up to 12 levels,
     # without DS too (measured: plain, plain -> max 12), and so did the first img2img that also loads the source
@@ -176,25 +194,30 @@ def test_img2img_unit_uses_the_init_image_and_its_infotext_pastes_back(webui):
     webui.img2img(base)
     webui.img2img({**base, "alwayson_scripts": ds(scale=1.0, source=a, controlnet=units)})
     res = webui.img2img({**base, "alwayson_scripts": ds(scale=1.0, source=a, controlnet=units)})
-    direct_image = webui.img2img({**base, "alwayson_scripts": direct(units)})
-    assert_same_image(res["images"][0], direct_image["images"][0], "img2img, init image as the control image")
-    text = infotext(res)
-    line = next(x for x in text.split("\n")[-1].split(", Delta ") if x.startswith("ControlNet 1: "))
-    assert "Model: tiny-sd1-cn [" in line and "Control Mode: ControlNet is more important" in line, line
-    again = webui.img2img({**base, "infotext": text})
-    assert image_array(again["images"][0]).tobytes() == image_array(res["images"][0]).tobytes()
+    return base, res, webui.img2img({**base, "alwayson_scripts": direct(units)})
 
 
-def test_xyz_over_unit_weight_and_the_preprocess_route(webui):
-    a = webui.models.title("tiny-sd1-a")
+def unit_infotext(text: str, index: int = 1) -> str:
+    """Unit ``index``'s part of an infotext's last line (``ControlNet N: "Model: ..., ..."``)."""
+    return next(x for x in text.rsplit("\n", maxsplit=1)[-1].split(", Delta ") if x.startswith(f"ControlNet {index}: "))
+
+
+def unit_weight_grid(webui, values: str, units: list[dict]) -> dict:
+    """An XYZ plot over "Delta ControlNet weight" (``values``) on tiny-sd1-a with ``units`` on the adapted leg of
+    (A, A), lambda 1."""
     info = webui.get("/sdapi/v1/script-info").json()
     names = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])["args"][0]["choices"]
     assert {"Delta ControlNet weight", "Delta ControlNet start", "Delta ControlNet end"} <= set(names)
     payload = webui.payload("tiny-sd1-a", script_name="x/y/z plot",
-                            script_args=[names.index("Delta ControlNet weight"), "0, 1", [], 0, "", [], 0, "", [],
+                            script_args=[names.index("Delta ControlNet weight"), values, [], 0, "", [], 0, "", [],
                                          True, True, False, False, False, False, False, 0, False],
-                            alwayson_scripts=ds(scale=1.0, source=a, controlnet=[unit()]))
-    res = webui.txt2img(payload)
+                            alwayson_scripts=ds(scale=1.0, source=webui.models.title("tiny-sd1-a"), controlnet=units))
+    return webui.txt2img(payload)
+
+
+def test_xyz_over_unit_weight_and_the_preprocess_route(webui):
+    a = webui.models.title("tiny-sd1-a")
+    res = unit_weight_grid(webui, "0, 1", [unit()])
     images = res["images"][1:]
     plain = webui.txt2img(webui.payload("tiny-sd1-a"))
     one = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(scale=1.0, source=a, controlnet=[unit()])))

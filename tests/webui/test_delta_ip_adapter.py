@@ -17,6 +17,14 @@ import subprocess
 import pytest
 from PIL import Image, ImageDraw
 
+from test_delta_controlnet import (
+    assert_idle_units_change_nothing,
+    control_image,
+    direct,
+    img2img_with_units,
+    unit_infotext,
+    unit_weight_grid,
+)
 from test_delta_sampling import assert_same_image, ds, infotext, png_b64
 from webui_harness import WEBUI_PYTHON, image_array, mean_abs_diff
 
@@ -35,10 +43,6 @@ def reference_image(size: int = 48, hue: int = 0) -> str:
 
 def ip_unit(model: str = "tiny-sd1-ip", **over) -> dict:
     return {"model": model, "module": "ip-adapter_clip_h", "image": reference_image(), **over}
-
-
-def direct(units: list[dict]) -> dict:
-    return {"delta test direct controlnet": {"args": [{"units": units}]}}
 
 
 def status(webui) -> dict:
@@ -76,36 +80,17 @@ def test_unit_on_the_adapted_leg_equals_the_unit_applied_directly(webui, model, 
 
 
 def test_lambda_zero_weight_zero_and_outside_the_window_change_nothing(webui):
-    a = webui.models.title("tiny-sd1-a")
-    lora = [{"name": "tiny-sd1-lora", "weight": 1.0}]
-    off = webui.txt2img(webui.payload("tiny-sd1-a"))
-    zero = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(scale=0.0, source=a,
-                                                                       controlnet=[ip_unit()])))
-    assert same_bytes(zero, off)
-    pair = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(scale=1.0, source=a, loras=lora)))
-    for idle in (ip_unit(weight=0.0), ip_unit(guidance_start=0.9)):
-        res = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(scale=1.0, source=a, loras=lora,
-                                                                          controlnet=[idle])))
-        assert same_bytes(res, pair), idle
-    assert status(webui)["last_generation"]["source_calls"] == 4
-    # adapted = base + an idle unit only: the delta is 0 at every call, so neither leg runs
-    res = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(scale=1.0, source=a,
-                                                                      controlnet=[ip_unit(guidance_start=0.9)])))
-    assert same_bytes(res, off)
-    gen = status(webui)["last_generation"]
-    assert (gen["source_calls"], gen["skipped_calls"]) == (0, 4), gen
+    assert_idle_units_change_nothing(webui, ip_unit)
 
 
 def test_ip_adapter_and_controlnet_units_combine_with_a_lora_pair(webui):
     a = webui.models.title("tiny-sd1-a")
-    from test_delta_controlnet import control_image
-
     units = [ip_unit(weight=0.8), {"model": "tiny-sd1-cn", "image": control_image(), "guidance_end": 0.5}]
     direct_image = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=direct(units)))
     res = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(scale=1.0, source=a, controlnet=units)))
     assert_same_image(res["images"][0], direct_image["images"][0], "IP-Adapter + ControlNet")
     text = infotext(res)
-    first, second = (next(x for x in text.split(", Delta ") if x.startswith(f"ControlNet {i}: ")) for i in (1, 2))
+    first, second = (unit_infotext(text, i) for i in (1, 2))
     assert "tiny-sd1-ip [" in first and "Module: ip-adapter_clip_h" in first, first
     assert "tiny-sd1-cn [" in second and "Module: none" in second, second
 
@@ -176,27 +161,15 @@ def test_bad_ip_adapter_inputs_are_http_errors_naming_the_problem_and_the_next_r
 def test_img2img_unit_takes_the_init_image_its_infotext_pastes_back_and_xyz_sweeps_the_weight(webui):
     a = webui.models.title("tiny-sd1-a")
     units = [{"model": "tiny-sd1-ip", "module": "ip-adapter_clip_h", "weight": 0.7, "guidance_end": 0.8}]
-    base = webui.payload("tiny-sd1-a", init_images=[reference_image(64)], denoising_strength=0.75)
-    # warm-up: the first img2img request of a webui process differs from the next identical one (see the ControlNet
-    # tier's note); the comparisons are between warm requests
-    webui.img2img(base)
-    webui.img2img({**base, "alwayson_scripts": ds(scale=1.0, source=a, controlnet=units)})
-    res = webui.img2img({**base, "alwayson_scripts": ds(scale=1.0, source=a, controlnet=units)})
-    direct_image = webui.img2img({**base, "alwayson_scripts": direct(units)})
+    base, res, direct_image = img2img_with_units(webui, reference_image(64), units)
     assert_same_image(res["images"][0], direct_image["images"][0], "img2img, init image as the reference")
     text = infotext(res)
-    line = next(x for x in text.split("\n")[-1].split(", Delta ") if x.startswith("ControlNet 1: "))
+    line = unit_infotext(text)
     assert "Weight: 0.7" in line and "Guidance End: 0.8" in line and "tiny-sd1-ip [" in line, line
     again = webui.img2img({**base, "infotext": text})  # the infotext holds no image: the init image again
     assert same_bytes(again, res)
 
-    info = webui.get("/sdapi/v1/script-info").json()
-    names = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])["args"][0]["choices"]
-    payload = webui.payload("tiny-sd1-a", script_name="x/y/z plot",
-                            script_args=[names.index("Delta ControlNet weight"), "0, 0.7", [], 0, "", [], 0, "", [],
-                                         True, True, False, False, False, False, False, 0, False],
-                            alwayson_scripts=ds(scale=1.0, source=a, controlnet=[ip_unit(guidance_end=0.8)]))
-    grid = webui.txt2img(payload)
+    grid = unit_weight_grid(webui, "0, 0.7", [ip_unit(guidance_end=0.8)])
     plain = webui.txt2img(webui.payload("tiny-sd1-a"))
     one = webui.txt2img(webui.payload("tiny-sd1-a", alwayson_scripts=ds(
         scale=1.0, source=a, controlnet=[ip_unit(weight=0.7, guidance_end=0.8)])))
