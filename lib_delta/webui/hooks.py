@@ -37,19 +37,21 @@ from ..errors import DeltaSamplingError, OutOfMemory, ParamError
 from ..latent import LatentFormat, LatentMap
 from ..params import INFOTEXT_KEYS as PARAMS_INFOTEXT_KEYS
 from ..params import UNIT_INFOTEXT_KEYS, DeltaParams
+from ..prompt_loras import FAMILY_LABELS, CarryPlan, plan_carry
 from ..resolution import LATENT_CELL, pooled_size, pooling_factor
 from ..schedule import LambdaSchedule, guard_delta
 from ..timesteps import DiscreteSchedule, vp_to_ve, x0_delta_to_eps
+from . import prompt_loras
 from .image_prompts import TokenMaker, resolve_encoder, unit_tokens
 from .legs import LegConds, LegRequest, PromptSet, SourceLegs, encode_legs
-from .source_models import CACHE, OFFLOAD, SourcePair, latent_format_of
+from .source_models import CACHE, OFFLOAD, SourcePair, latent_format_of, model_family
 
 JOB_ATTR = "delta_sampling_job"
 XYZ_ATTR = "delta_sampling_xyz"
 """Per-cell overrides set by the XYZ axes: a dict of setting name -> value, replaced (never mutated) per cell."""
 
 SKIPPED_KEYS_INFOTEXT = "Delta LoRA skipped keys"
-INFOTEXT_KEYS = [*PARAMS_INFOTEXT_KEYS, "Delta LoRA hashes", SKIPPED_KEYS_INFOTEXT]
+INFOTEXT_KEYS = [*PARAMS_INFOTEXT_KEYS, "Delta LoRA hashes", SKIPPED_KEYS_INFOTEXT, *prompt_loras.INFOTEXT_KEYS]
 
 
 class RequestError(DeltaSamplingError, HTTPException):
@@ -95,6 +97,9 @@ class DeltaJob:
     params: DeltaParams
     pair: SourcePair | None = None
     error: BaseException | None = None
+    shown: DeltaParams | None = None  # the accordion's own settings (None: DS runs only for carried prompt LoRAs)
+    carried: CarryPlan | None = None  # prompt LoRAs of another family on the adapted leg, after params.loras' own
+    source_family: str | None = None
     passes: dict[int, tuple[weakref.ref, PassState]] = field(default_factory=dict)
     cond_cache: dict[PromptSet, LegConds] = field(default_factory=dict)
     schedule: LambdaSchedule | None = None
@@ -124,6 +129,8 @@ class DeltaJob:
                                      "image_encoder_runs": self.encoder_runs,
                                      "image_encoder_seconds": round(self.encoder_seconds, 4),
                                      **OFFLOAD.take_counts(),  # --lowvram/--medvram: source models' visits
+                                     "carried_loras": [str(spec) for spec in self.carried.loras]
+                                     if self.carried else [],
                                      "failed": self.error is not None}
         if self.pair is not None:
             self.pair.release()
@@ -138,7 +145,9 @@ class DeltaJob:
 
 
 def begin_job(p: Any, args: tuple) -> None:
-    """Called from the script's ``process()``: set up DS for this generation, or make sure nothing of it remains."""
+    """Called from the script's ``process()``: set up DS for this generation, or make sure nothing of it remains.
+
+    Prompt LoRAs of another family are seen per batch, later (:func:`_install_prompt_lora_carrier`)."""
     _clear_infotext(p)
     # A job found here was copied from an XYZ parent (cells are shallow copies) or left by an earlier run: it is not
     # this generation's. It is dropped, not finished: a parent's job may still be in use.
@@ -150,18 +159,26 @@ def begin_job(p: Any, args: tuple) -> None:
             _install(p, DeltaJob(DeltaParams(), error=exc))
         else:
             print(f"Delta Sampling: ignoring invalid settings of a disabled job: {exc}")
+            _install_prompt_lora_carrier(p, None)
         return
-    if not params.enabled:
-        return
-    job = DeltaJob(params)
+    _install_prompt_lora_carrier(p, params if params.enabled else None)
+    if params.enabled:
+        _start_job(p, params, shown=params)
+
+
+def _start_job(p: Any, params: DeltaParams, *, shown: DeltaParams | None, carried: CarryPlan | None = None) -> None:
+    """Install a job for ``params`` on ``p`` and load its source pair (errors are kept for the p.sample wrapper)."""
+    job = DeltaJob(params, shown=shown, carried=carried)
     _install(p, job)
     OFFLOAD.take_counts()  # this generation's counts start here
     if not params.effective:
-        p.extra_generation_params.update(params.infotext())
+        if shown is not None:
+            p.extra_generation_params.update(shown.infotext())
         return
     try:
         _refuse_global_unet_patches()
         pair = CACHE.pair(params)
+        job.source_family = pair.base.family
         print(f"Delta Sampling: {CACHE.last_event}")
         _write_infotext(p, job, pair)
         if pair.changes_nothing:
@@ -177,6 +194,114 @@ def begin_job(p: Any, args: tuple) -> None:
         job.schedule = params.lambda_schedule()
     except Exception as exc:  # surfaced by the p.sample wrapper, see the module docstring
         job.fail(exc)
+
+
+# --- prompt LoRAs of another family --------------------------------------------------------------------------------
+
+
+def _install_prompt_lora_carrier(p: Any, accordion: DeltaParams | None) -> None:
+    """Wrap this generation's ``p.parse_extra_network_prompts`` (the host's per-batch tag parsing): read each image's
+    LoRA tags first, then withhold the carried ones from the host and run DS on them (:func:`_carry_for_batch`)."""
+    original = type(p).parse_extra_network_prompts.__get__(p, type(p))  # never an XYZ parent's wrapper
+    said: set[str] = set()  # console lines already printed in this generation
+
+    def parse_extra_network_prompts_with_carried_loras() -> Any:
+        prompts = list(p.prompts)
+        hr_prompts = None
+        if getattr(p, "enable_hr", False) and getattr(p, "all_hr_prompts", None):
+            first = p.iteration * p.batch_size
+            hr_prompts = list(p.all_hr_prompts[first:first + p.batch_size])
+        result = original()
+        if not getattr(p, "disable_extra_networks", False):
+            _carry_for_batch(p, accordion, prompts, hr_prompts, said)
+        return result
+
+    p.parse_extra_network_prompts = parse_extra_network_prompts_with_carried_loras
+
+
+def _carry_for_batch(p: Any, accordion: DeltaParams | None, prompts: list[str], hr_prompts: list[str] | None,
+                     said: set[str]) -> None:
+    from modules import shared
+
+    job = getattr(p, JOB_ATTR, None)
+    if job is not None and job.error is not None and job.carried is None:
+        return  # the accordion's own job already failed: the generation stops with that error
+    try:
+        settings = prompt_loras.carry_settings()
+        target = model_family(shared.sd_model)
+        configured = tuple(sorted(settings.bases))
+        first = p.iteration * p.batch_size
+        images = prompt_loras.prompt_tags(prompts, first, target, configured)
+        pair_family = None
+        if accordion is not None:
+            pair_family = job.source_family if job is not None else None  # the accordion's base, loaded
+            if pair_family is None:
+                return  # the accordion's pair is off (lambda 0, an empty window): the host keeps its tags
+        plan = plan_carry(images, target, settings, pair_family=pair_family,
+                          host_does=prompt_loras.host_does(host().forge), first_image=first)
+        if hr_prompts is not None and hr_prompts != prompts:
+            hr_plan = plan_carry(prompt_loras.prompt_tags(hr_prompts, first, target, configured), target, settings,
+                                 pair_family=pair_family, first_image=first)
+            if hr_plan.loras != plan.loras:
+                raise ParamError("hr_prompt", "the hires prompt carries other LoRAs of another family "
+                                              f"({', '.join(map(str, hr_plan.loras)) or 'none'}) than the prompt "
+                                              f"({', '.join(map(str, plan.loras)) or 'none'}); Delta Sampling runs "
+                                              "one source pair for both passes")
+    except Exception as exc:  # raised by the p.sample wrapper, as a job's errors are
+        _replace_job(p, DeltaJob(DeltaParams(), error=exc))
+        return
+    prompt_loras.withhold(p, plan.withheld)
+    if plan.reported:
+        note = prompt_loras.reported_text(plan)
+        p.extra_generation_params[prompt_loras.NOTE_INFOTEXT] = note
+        _say_once(said, f"Delta Sampling: {note}")
+    else:
+        p.extra_generation_params.pop(prompt_loras.NOTE_INFOTEXT, None)
+    wanted = _params_with_carried(accordion, plan, settings)
+    current = job.params if job is not None else None
+    if wanted == current and (job.carried.loras if job is not None and job.carried else ()) == plan.loras:
+        return
+    _drop_job(p)
+    for key in INFOTEXT_KEYS:
+        if key != prompt_loras.NOTE_INFOTEXT:
+            p.extra_generation_params.pop(key, None)
+    if wanted is not None:
+        if plan.loras:
+            where = f"the accordion's {FAMILY_LABELS[plan.family]} pair" if accordion else f"base {plan.base}"
+            _say_once(said, f"Delta Sampling: carrying the prompt's {FAMILY_LABELS[plan.family]} LoRA(s) "
+                            f"{', '.join(map(str, plan.loras))} onto {where} (lambda {wanted.scale:g}, source "
+                            f"resolution {wanted.source_resolution})")
+        _start_job(p, wanted, shown=accordion, carried=plan if plan.loras else None)
+
+
+def _params_with_carried(accordion: DeltaParams | None, plan: CarryPlan, settings: Any) -> DeltaParams | None:
+    if not plan.loras:
+        return accordion
+    if accordion is not None:
+        return accordion.replace(loras=[*accordion.loras, *plan.loras])
+    return DeltaParams.create(enabled=True, scale=settings.scale, source=plan.base, loras=list(plan.loras),
+                              source_resolution=settings.source_resolution)
+
+
+def _say_once(said: set[str], line: str) -> None:
+    if line not in said:
+        said.add(line)
+        print(line)
+
+
+def _replace_job(p: Any, job: DeltaJob) -> None:
+    _drop_job(p)
+    _install(p, job)
+
+
+def _drop_job(p: Any) -> None:
+    """Finish and remove this generation's job (its p.sample wrapper too); the prompt LoRA carrier stays."""
+    job = p.__dict__.pop(JOB_ATTR, None)
+    if job is not None:
+        job.finish()
+    sample = p.__dict__.get("sample")
+    if sample is not None and getattr(sample, "__name__", "") == "sample_with_delta_sampling":
+        del p.__dict__["sample"]
 
 
 def _encode_image_prompts(job: DeltaJob, pair: SourcePair) -> None:
@@ -284,24 +409,38 @@ def _clear_infotext(p: Any) -> None:
 
 
 def _write_infotext(p: Any, job: DeltaJob, pair: SourcePair) -> None:
-    entries = job.params.infotext()
-    entries["Delta source"] = pair.base.info.title
-    if job.params.adapted:
-        entries["Delta adapted"] = pair.adapted.info.title
-    if pair.loras:
-        hashes = []
-        for net, _ in pair.loras:
-            on_disk = net.on_disk
-            on_disk.read_hash()  # the webui's own LoRA hash (computed once, then cached by the webui)
-            hashes.append(f"{net.name}: {on_disk.shorthash or 'unknown'}")
-        entries["Delta LoRA hashes"] = ", ".join(hashes)
-        # Keys that change nothing (no such layer, or a layer the webui would not apply them to either): the image
-        # says how much of each file it got, not only that the file was named.
-        skipped = [f"{net.name}: {net.skipped_text()}" for net, _ in pair.loras if net.not_applied]
-        if skipped:
-            entries[SKIPPED_KEYS_INFOTEXT] = "; ".join(skipped)
-    for key, (unit, _net, title) in zip(UNIT_INFOTEXT_KEYS, pair.controls, strict=False):
-        entries[key] = unit.infotext(title)  # the model with its hash
+    """The accordion's settings as they paste back, and the carried prompt LoRAs apart from them: pasting the prompt
+    (which keeps its tags) carries them again, so the accordion must not list them too."""
+    entries: dict[str, Any] = {}
+    shown = job.shown
+    hashes = []
+    for net, _ in pair.loras:
+        on_disk = net.on_disk
+        on_disk.read_hash()  # the webui's own LoRA hash (computed once, then cached by the webui)
+        hashes.append(on_disk.shorthash or "unknown")
+    own = len(shown.loras) if shown is not None else 0
+    if shown is not None:
+        entries.update(shown.infotext())
+        entries["Delta source"] = pair.base.info.title
+        if shown.adapted:
+            entries["Delta adapted"] = pair.adapted.info.title
+        if own:
+            entries["Delta LoRA hashes"] = ", ".join(
+                f"{net.name}: {h}" for (net, _), h in zip(pair.loras[:own], hashes[:own], strict=True))
+        for key, (unit, _net, title) in zip(UNIT_INFOTEXT_KEYS, pair.controls, strict=False):
+            entries[key] = unit.infotext(title)  # the model with its hash
+    if job.carried is not None:
+        entries[prompt_loras.CARRIED_INFOTEXT] = ", ".join(
+            f"{spec} [{h}]" for spec, h in zip(job.carried.loras, hashes[own:], strict=True))
+        if shown is None:
+            entries[prompt_loras.CARRIED_BASE_INFOTEXT] = pair.base.info.title
+            entries[prompt_loras.CARRIED_SETTINGS_INFOTEXT] = (
+                f"lambda {job.params.scale:g}, source resolution {job.params.source_resolution}")
+    # Keys that change nothing (no such layer, or a layer the webui would not apply them to either): the image
+    # says how much of each file it got, not only that the file was named.
+    skipped = [f"{net.name}: {net.skipped_text()}" for net, _ in pair.loras if net.not_applied]
+    if skipped:
+        entries[SKIPPED_KEYS_INFOTEXT] = "; ".join(skipped)
     p.extra_generation_params.update(entries)
 
 
@@ -347,12 +486,10 @@ def _public_error(exc: BaseException) -> BaseException:
 
 def end_job(p: Any) -> None:
     """Called from the script's ``postprocess()`` (a failed job already finished in the wrapper)."""
-    job = p.__dict__.pop(JOB_ATTR, None)
-    if job is not None:
-        job.finish()
-    sample = p.__dict__.get("sample")
-    if sample is not None and getattr(sample, "__name__", "") == "sample_with_delta_sampling":
-        del p.__dict__["sample"]
+    _drop_job(p)
+    carrier = p.__dict__.get("parse_extra_network_prompts")
+    if getattr(carrier, "__name__", "") == "parse_extra_network_prompts_with_carried_loras":
+        del p.__dict__["parse_extra_network_prompts"]
 
 
 # --- per pass ------------------------------------------------------------------------------------------------------
