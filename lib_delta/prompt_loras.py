@@ -44,15 +44,24 @@ def declared_family(metadata: Mapping[str, str] | None, host_version: str | None
     return version if version in FAMILIES else None
 
 
-def lora_family(keys: Iterable[str], target: str, declared: str | None = None,
-                configured: Iterable[str] = ()) -> str | None:
-    """The family a LoRA file was made for, when it is another family than ``target``'s; None when the file fits the
-    target, or its family is unclear (both: the host keeps the tag).
+CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # the full-size UNets' cross-attention context widths
 
-    The keys decide first: the family whose standard layout names the most of the file's layers. A tie that
-    includes the target leaves the file to the target unless its metadata (``declared``) names another of the tied
-    families: SD1 and SD2 UNets have the same layer names. A tie among other families (an SD1-or-SD2 file in an SDXL
-    prompt) is broken by the metadata, else by which of them has a source base ``configured``, if only one has.
+
+def context_width_key(key: str) -> bool:
+    """Whether a LoRA key's tensor tells the UNet's context width: a cross-attention key projection's down matrix."""
+    return "attn2_to_k" in key and key.endswith("lora_down.weight")
+
+
+def lora_family(keys: Iterable[str], target: str, declared: str | None = None,
+                context_width: int | None = None) -> str | None:
+    """The family a LoRA file was made for, when it is another family than ``target``'s; None when the file fits the
+    target, or names no layer of any family (both: the host keeps the tag).
+
+    The keys decide first: the family whose standard layout names the most of the file's layers. A tie that includes
+    the target leaves the file to the target unless its metadata (``declared``) names another of the tied families
+    (SD1 and SD2 UNets have the same layer names). A tie among other families (an SD1-or-SD2 file in an SDXL prompt)
+    is broken by the metadata, then by the cross-attention's ``context_width`` (768 SD1, 1024 SD2), then in favour
+    of SD1: its layout holds every name of such a file, while SD2 files usually also name OpenCLIP's layers 12-22.
     """
     counts = layers_named_per_family(keys)
     best = max(counts.values())
@@ -63,10 +72,10 @@ def lora_family(keys: Iterable[str], target: str, declared: str | None = None,
         return declared if declared in leaders and declared != target else None
     if len(leaders) == 1:
         return leaders[0]
-    if declared in leaders:
-        return declared
-    with_base = [family for family in leaders if family in set(configured)]
-    return with_base[0] if len(with_base) == 1 else None
+    for evidence in (declared, CONTEXT_WIDTHS.get(context_width or 0)):
+        if evidence in leaders:
+            return evidence
+    return "sd1" if "sd1" in leaders else None
 
 
 @dataclass(frozen=True)

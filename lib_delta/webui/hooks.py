@@ -203,7 +203,8 @@ def _install_prompt_lora_carrier(p: Any, accordion: DeltaParams | None) -> None:
     """Wrap this generation's ``p.parse_extra_network_prompts`` (the host's per-batch tag parsing): read each image's
     LoRA tags first, then withhold the carried ones from the host and run DS on them (:func:`_carry_for_batch`)."""
     original = type(p).parse_extra_network_prompts.__get__(p, type(p))  # never an XYZ parent's wrapper
-    said: set[str] = set()  # console lines already printed in this generation
+    said: list[str] = []  # console lines already printed in this generation
+    CACHE.prompt_loras = ""
 
     def parse_extra_network_prompts_with_carried_loras() -> Any:
         prompts = list(p.prompts)
@@ -220,7 +221,7 @@ def _install_prompt_lora_carrier(p: Any, accordion: DeltaParams | None) -> None:
 
 
 def _carry_for_batch(p: Any, accordion: DeltaParams | None, prompts: list[str], hr_prompts: list[str] | None,
-                     said: set[str]) -> None:
+                     said: list[str]) -> None:
     from modules import shared
 
     job = getattr(p, JOB_ATTR, None)
@@ -229,9 +230,8 @@ def _carry_for_batch(p: Any, accordion: DeltaParams | None, prompts: list[str], 
     try:
         settings = prompt_loras.carry_settings()
         target = model_family(shared.sd_model)
-        configured = tuple(sorted(settings.bases))
         first = p.iteration * p.batch_size
-        images = prompt_loras.prompt_tags(prompts, first, target, configured)
+        images = prompt_loras.prompt_tags(prompts, first, target)
         pair_family = None
         if accordion is not None:
             pair_family = job.source_family if job is not None else None  # the accordion's base, loaded
@@ -240,7 +240,7 @@ def _carry_for_batch(p: Any, accordion: DeltaParams | None, prompts: list[str], 
         plan = plan_carry(images, target, settings, pair_family=pair_family,
                           host_does=prompt_loras.host_does(host().forge), first_image=first)
         if hr_prompts is not None and hr_prompts != prompts:
-            hr_plan = plan_carry(prompt_loras.prompt_tags(hr_prompts, first, target, configured), target, settings,
+            hr_plan = plan_carry(prompt_loras.prompt_tags(hr_prompts, first, target), target, settings,
                                  pair_family=pair_family, first_image=first)
             if hr_plan.loras != plan.loras:
                 raise ParamError("hr_prompt", "the hires prompt carries other LoRAs of another family "
@@ -254,7 +254,7 @@ def _carry_for_batch(p: Any, accordion: DeltaParams | None, prompts: list[str], 
     if plan.reported:
         note = prompt_loras.reported_text(plan)
         p.extra_generation_params[prompt_loras.NOTE_INFOTEXT] = note
-        _say_once(said, f"Delta Sampling: {note}")
+        _say_once(said, note)
     else:
         p.extra_generation_params.pop(prompt_loras.NOTE_INFOTEXT, None)
     wanted = _params_with_carried(accordion, plan, settings)
@@ -268,7 +268,7 @@ def _carry_for_batch(p: Any, accordion: DeltaParams | None, prompts: list[str], 
     if wanted is not None:
         if plan.loras:
             where = f"the accordion's {FAMILY_LABELS[plan.family]} pair" if accordion else f"base {plan.base}"
-            _say_once(said, f"Delta Sampling: carrying the prompt's {FAMILY_LABELS[plan.family]} LoRA(s) "
+            _say_once(said, f"carrying the prompt's {FAMILY_LABELS[plan.family]} LoRA(s) "
                             f"{', '.join(map(str, plan.loras))} onto {where} (lambda {wanted.scale:g}, source "
                             f"resolution {wanted.source_resolution})")
         _start_job(p, wanted, shown=accordion, carried=plan if plan.loras else None)
@@ -283,10 +283,12 @@ def _params_with_carried(accordion: DeltaParams | None, plan: CarryPlan, setting
                               source_resolution=settings.source_resolution)
 
 
-def _say_once(said: set[str], line: str) -> None:
+def _say_once(said: list[str], line: str) -> None:
+    """Print a line once per generation; the status readout (route and accordion) keeps the generation's lines."""
     if line not in said:
-        said.add(line)
-        print(line)
+        said.append(line)
+        print(f"Delta Sampling: {line}")
+        CACHE.prompt_loras = "; ".join(said)
 
 
 def _replace_job(p: Any, job: DeltaJob) -> None:

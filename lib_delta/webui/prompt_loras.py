@@ -16,7 +16,15 @@ from typing import Any
 
 from ..errors import ParamError
 from ..params import LORA_WEIGHT_RANGE
-from ..prompt_loras import FAMILY_LABELS, CarryPlan, CarrySettings, PromptLora, declared_family, lora_family
+from ..prompt_loras import (
+    FAMILY_LABELS,
+    CarryPlan,
+    CarrySettings,
+    PromptLora,
+    context_width_key,
+    declared_family,
+    lora_family,
+)
 from ..resolution import RESOLUTION_CHOICES
 
 LORA_TAGS = ("lora", "lyco")  # A1111 registers <lyco:…> as an alias of <lora:…>
@@ -66,15 +74,16 @@ class FamilyVerdicts:
     def __init__(self) -> None:
         self._verdicts: collections.OrderedDict[tuple, str | None] = collections.OrderedDict()
 
-    def family(self, on_disk: Any, target: str, configured: tuple[str, ...]) -> str | None:
+    def family(self, on_disk: Any, target: str) -> str | None:
         st = os.stat(on_disk.filename)
-        key = (os.path.abspath(on_disk.filename), st.st_size, st.st_mtime, target, configured)
+        key = (os.path.abspath(on_disk.filename), st.st_size, st.st_mtime, target)
         if key in self._verdicts:
             self._verdicts.move_to_end(key)
             return self._verdicts[key]
         version = getattr(getattr(on_disk, "sd_version", None), "name", None)
         declared = declared_family(getattr(on_disk, "metadata", None), version)
-        verdict = lora_family(_file_keys(on_disk.filename), target, declared, configured)
+        keys, width = _file_keys(on_disk.filename)
+        verdict = lora_family(keys, target, declared, width)
         self._verdicts[key] = verdict
         while len(self._verdicts) > self.LIMIT:
             self._verdicts.popitem(last=False)
@@ -84,15 +93,20 @@ class FamilyVerdicts:
 VERDICTS = FamilyVerdicts()
 
 
-def _file_keys(filename: str) -> list[str]:
+def _file_keys(filename: str) -> tuple[list[str], int | None]:
+    """The file's keys, and the UNet context width its cross-attention keys tell (None: none of them)."""
     if filename.lower().endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(filename, framework="pt", device="cpu") as f:  # the header only
-            return list(f.keys())
+            keys = list(f.keys())
+            width = next((f.get_slice(k).get_shape()[1] for k in keys if context_width_key(k)), None)
+        return keys, width
     from .source_models import read_checked_state_dict
 
-    return list(read_checked_state_dict(filename, "LoRA file"))
+    state_dict = read_checked_state_dict(filename, "LoRA file")
+    width = next((value.shape[1] for key, value in state_dict.items() if context_width_key(key)), None)
+    return list(state_dict), width
 
 
 def _find_network(name: str) -> Any:
@@ -105,12 +119,12 @@ def _find_network(name: str) -> Any:
     return networks.available_networks.get(name) or networks.available_network_aliases.get(name)
 
 
-def _family_or_none(on_disk: Any, target: str, configured: tuple[str, ...]) -> str | None:
+def _family_or_none(on_disk: Any, target: str) -> str | None:
     """The file's family, or None (left to the host, which reports unreadable files itself) when it cannot be read."""
     if on_disk is None:
         return None  # not a known LoRA: the host says "networks not found"
     try:
-        return VERDICTS.family(on_disk, target, configured)
+        return VERDICTS.family(on_disk, target)
     except Exception as exc:  # a damaged file is the host's to report, as without Delta Sampling
         print(f"Delta Sampling: cannot read the keys of {on_disk.filename} ({type(exc).__name__}: {exc}); the webui "
               "handles its tag as usual")
@@ -134,8 +148,7 @@ def _tag_weight(params: Any, where: str) -> float:
     return te
 
 
-def prompt_tags(prompts: list[str], first_image: int, target: str, configured: tuple[str, ...]
-                ) -> list[list[PromptLora]]:
+def prompt_tags(prompts: list[str], first_image: int, target: str) -> list[list[PromptLora]]:
     """Each prompt's LoRA tags with the family of their files (None: fits the target, unclear, or not found)."""
     from modules import extra_networks
 
@@ -149,7 +162,7 @@ def prompt_tags(prompts: list[str], first_image: int, target: str, configured: t
                     continue
                 name = str(params.positional[0])
                 on_disk = _find_network(name)
-                family = _family_or_none(on_disk, target, configured)
+                family = _family_or_none(on_disk, target)
                 weight = _tag_weight(params, f"<{kind}:{name}> in image {first_image + offset + 1}") if family else 1.0
                 tags.append(PromptLora(name, weight, family, first_image + offset))
         images.append(tags)

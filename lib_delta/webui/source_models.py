@@ -761,6 +761,7 @@ class SourceCache:
         self._lock = threading.RLock()
         self.last_event = "nothing loaded yet"
         self.last_generation: dict[str, Any] = {}  # counters of the last finished DS generation (status readout)
+        self.prompt_loras = ""  # what the last generation did with prompt LoRAs of another family (status readout)
 
     def _limit(self) -> int:
         from modules import shared
@@ -943,6 +944,7 @@ class SourceCache:
                 "cache_size": self._limit(),
                 "last_event": self.last_event,
                 "last_generation": dict(self.last_generation),
+                "prompt_loras": self.prompt_loras,
             }
 
     def __len__(self) -> int:

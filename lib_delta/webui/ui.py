@@ -69,6 +69,8 @@ def status_html() -> str:
         )
         body = (f"Loaded source models ({status['total_bytes'] / 2**20:.1f} MiB, shared tensors counted once):"
                 f"<ul>{rows}</ul>Last: {html.escape(status['last_event'])}")
+    if status["prompt_loras"]:
+        body += f"<br>Prompt LoRAs: {html.escape(status['prompt_loras'])}"
     return f"<div class='delta-sampling-status'>{body}</div>"
 
 

@@ -46,11 +46,13 @@ def test_lora_family_by_the_layer_names_with_metadata_for_ties():
     # SDXL's names are its own
     assert lora_family(sdxl, "sd1") == "sdxl"
     assert lora_family(sdxl, "sd2") == "sdxl"
-    # SD1's UNet and CLIP-L names exist in SD2's layout too: a tie the metadata, or the one configured base, breaks
-    assert lora_family(sd1, "sdxl", declared="sd1") == "sd1"
-    assert lora_family(sd1, "sdxl", configured=("sd1",)) == "sd1"
-    assert lora_family(sd1, "sdxl", configured=("sd1", "sd2")) is None  # unclear: left to the host
-    assert lora_family(sd1, "sdxl") is None
+    # SD1's UNet and CLIP-L names exist in SD2's layout too: a tie the metadata, the context width, or else SD1 wins
+    assert lora_family(sd1, "sdxl", declared="sd2") == "sd2"
+    assert lora_family(sd1, "sdxl", context_width=1024) == "sd2"
+    assert lora_family(sd1, "sdxl", declared="sd1", context_width=1024) == "sd1"  # the metadata first
+    assert lora_family(sd1, "sdxl", context_width=32) == "sd1"
+    assert lora_family(sd1, "sdxl") == "sd1"
+    assert lora_family(lora_keys("sd2"), "sdxl") == "sd2"  # OpenCLIP's layers 12-22 are SD2's alone
     # a tie that includes the target stays the target's unless the metadata names the other family
     assert lora_family(sd1, "sd2") is None
     assert lora_family(sd1, "sd2", declared="sd1") == "sd1"

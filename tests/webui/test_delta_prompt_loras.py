@@ -13,13 +13,14 @@ import json
 import re
 
 import pytest
+from PIL import Image
 
-from test_delta_sampling import ds, infotext
+from test_delta_sampling import assert_only_the_masked_square_changed, ds, infotext, png_b64
 from webui_harness import image_array, mean_abs_diff
 
 pytestmark = pytest.mark.webui
 
-PROMPT = "a red apple on a table"
+PROMPT = "a [red:green:0.5] (apple:1.2) on a table"  # prompt editing and emphasis reach the legs as the target
 DEFAULTS = {"delta_sampling_carry_base_sd1": "None", "delta_sampling_carry_base_sd2": "None",
             "delta_sampling_carry_base_sdxl": "None", "delta_sampling_carry_loras": True,
             "delta_sampling_carry_scale": 1.0, "delta_sampling_carry_resolution": "target"}
@@ -62,7 +63,7 @@ def test_an_sd1_prompt_lora_on_sdxl_equals_the_explicit_request_and_pastes_back(
         offset = webui.log_offset()
         carried = webui.txt2img(webui.payload("tiny-sdxl-a", prompt))
         log = webui.log_since(offset)
-        status = last_generation(webui)
+        status = webui.get("/delta-sampling/v1/status").json()
         want = webui.txt2img(webui.payload("tiny-sdxl-a", host_stripped(prompt),
                                            alwayson_scripts=explicit(webui, [("tiny-sd1-lora", 0.8)])))
         plain = webui.txt2img(webui.payload("tiny-sdxl-a", host_stripped(prompt)))
@@ -75,7 +76,9 @@ def test_an_sd1_prompt_lora_on_sdxl_equals_the_explicit_request_and_pastes_back(
         assert 'Delta carried settings: "lambda 1, source resolution target"' in text, text
         assert "Delta sampling: True" not in text and "Lora hashes" not in text, text  # the host applied nothing
         assert log.count("carrying the prompt's SD1 LoRA(s) tiny-sd1-lora:0.8") == 1, log
-        assert status["carried_loras"] == ["tiny-sd1-lora:0.8"] and status["source_calls"] > 0
+        generation, said = status["last_generation"], status["prompt_loras"]
+        assert generation["carried_loras"] == ["tiny-sd1-lora:0.8"] and generation["source_calls"] > 0
+        assert said.startswith("carrying the prompt's SD1 LoRA(s) tiny-sd1-lora:0.8 onto base tiny-sd1-a"), said
         # PNG Info -> txt2img: the prompt (with its tag) comes back, and with it the same carried image
         payload = webui.payload("tiny-sdxl-a", infotext=text)
         del payload["prompt"]
@@ -116,6 +119,7 @@ def test_without_a_base_the_host_keeps_the_tag_and_the_infotext_says_what_it_did
         offset = webui.log_offset()
         res = webui.txt2img(webui.payload("tiny-sdxl-a", prompt))
         log = webui.log_since(offset)
+        said = webui.get("/delta-sampling/v1/status").json()["prompt_loras"]
     with carry_settings(webui, delta_sampling_carry_base_sd1=webui.models.title("tiny-sd1-a"),
                         delta_sampling_carry_loras=False):
         switched_off = webui.txt2img(webui.payload("tiny-sdxl-a", prompt))
@@ -130,6 +134,7 @@ def test_without_a_base_the_host_keeps_the_tag_and_the_infotext_says_what_it_did
             "layers; set Settings > Delta Sampling > SD1 source base to carry it with Delta Sampling")
     assert f'Delta LoRA note: "{note}"' in text, text
     assert log.count(note) == 1, log
+    assert said == note, said
     assert "Delta carried" not in text and "Delta sampling: True" not in text
     assert "carrying is switched off" in infotext(switched_off)
 
@@ -190,16 +195,23 @@ def test_accordion_loras_and_carried_loras_together_equal_the_request_with_both(
         assert same_bytes(again["images"][0], carried["images"][0])
 
 
-def test_img2img_carries_the_prompt_lora(webui):
+def test_img2img_and_inpainting_carry_the_prompt_lora(webui):
     init = webui.txt2img(webui.payload("tiny-sdxl-a", "a house"))["images"][0]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
     prompt = f"{PROMPT} {webui.models.lora('sd1').tag(0.8)}"
     i2i = dict(init_images=[init], denoising_strength=0.75)
+    inpaint = dict(i2i, mask=png_b64(mask), denoising_strength=0.9, inpainting_fill=1, inpaint_full_res=False,
+                   mask_blur=0, inpainting_mask_invert=0)
     with carry_settings(webui, delta_sampling_carry_base_sd1=webui.models.title("tiny-sd1-a")):
         webui.img2img(webui.payload("tiny-sdxl-a", prompt, **i2i))  # warm-up (test_delta_controlnet: first img2img)
-        carried = webui.img2img(webui.payload("tiny-sdxl-a", prompt, **i2i))
-        want = webui.img2img(webui.payload("tiny-sdxl-a", host_stripped(prompt), **i2i,
-                                           alwayson_scripts=explicit(webui, [("tiny-sd1-lora", 0.8)])))
-    assert same_bytes(carried["images"][0], want["images"][0])
+        for what, fields in (("img2img", i2i), ("inpainting", inpaint)):
+            carried = webui.img2img(webui.payload("tiny-sdxl-a", prompt, **fields))
+            want = webui.img2img(webui.payload("tiny-sdxl-a", host_stripped(prompt), **fields,
+                                               alwayson_scripts=explicit(webui, [("tiny-sd1-lora", 0.8)])))
+            assert same_bytes(carried["images"][0], want["images"][0]), what
+    plain = image_array(webui.img2img(webui.payload("tiny-sdxl-a", host_stripped(prompt), **inpaint))["images"][0])
+    assert_only_the_masked_square_changed(carried["images"][0], plain.astype(int), 16, 48, 4)
 
 
 def test_a_tag_with_two_weights_is_refused_and_the_next_request_works(webui):
