@@ -224,3 +224,35 @@ def test_a_tag_with_two_weights_is_refused_and_the_next_request_works(webui):
         plain = webui.txt2img(webui.payload("tiny-sdxl-a", PROMPT))
     again = webui.txt2img(webui.payload("tiny-sdxl-a", PROMPT))
     assert same_bytes(plain["images"][0], again["images"][0])
+
+
+def test_batch_count_and_prompt_search_replace_cells_each_carry_their_loras(webui):
+    prompt = f"{PROMPT} {webui.models.lora('sd1').tag(0.8)}"
+    info = webui.get("/sdapi/v1/script-info").json()
+    names = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])["args"][0]["choices"]
+    sr = [names.index("Prompt S/R"), "tiny-sd1-lora, tiny-sd1-locon", [], 0, "", [], 0, "", [],
+          True, True, False, False, False, False, False, 0, False]
+    with carry_settings(webui, delta_sampling_carry_base_sd1=webui.models.title("tiny-sd1-a")):
+        counted = webui.txt2img(webui.payload("tiny-sdxl-a", prompt, n_iter=2))
+        want = webui.txt2img(webui.payload("tiny-sdxl-a", host_stripped(prompt), n_iter=2,
+                                           alwayson_scripts=explicit(webui, [("tiny-sd1-lora", 0.8)])))
+        grid = webui.txt2img(webui.payload("tiny-sdxl-a", prompt, script_name="x/y/z plot", script_args=sr))
+        locon = webui.txt2img(webui.payload("tiny-sdxl-a", host_stripped(prompt),
+                                            alwayson_scripts=explicit(webui, [("tiny-sd1-locon", 0.8)])))
+    assert len(counted["images"]) == 2  # one per batch (the API returns no grid for these)
+    for got, expected in zip(counted["images"], want["images"], strict=True):
+        assert same_bytes(got, expected)
+    cells = grid["images"][1:]
+    assert len(cells) == 2
+    assert same_bytes(cells[0], want["images"][0]) and same_bytes(cells[1], locon["images"][0])
+    texts = json.loads(grid["info"])["infotexts"][1:]
+    assert 'Delta carried LoRAs: "tiny-sd1-lora:0.8 [' in texts[0] and '"tiny-sd1-locon:0.8 [' in texts[1]
+
+
+def test_a_hires_prompt_that_carries_other_loras_is_refused(webui):
+    hires = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6, hr_second_pass_steps=3)
+    with carry_settings(webui, delta_sampling_carry_base_sd1=webui.models.title("tiny-sd1-a")):
+        r = webui.post("/sdapi/v1/txt2img", json=webui.payload(
+            "tiny-sdxl-a", f"{PROMPT} {webui.models.lora('sd1').tag(0.8)}", **hires, hr_prompt=PROMPT))
+    assert r.status_code == 422, r.text[:500]
+    assert "the hires prompt carries other LoRAs" in r.json()["detail"]
