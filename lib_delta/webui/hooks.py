@@ -44,7 +44,7 @@ from ..timesteps import DiscreteSchedule, vp_to_ve, x0_delta_to_eps
 from . import prompt_loras
 from .image_prompts import TokenMaker, resolve_encoder, unit_tokens
 from .legs import LegConds, LegRequest, PromptSet, SourceLegs, encode_legs
-from .source_models import CACHE, OFFLOAD, SourcePair, latent_format_of, model_family
+from .source_models import CACHE, OFFLOAD, SourcePair, latent_format_of, model_family, resolve_checkpoint
 
 JOB_ATTR = "delta_sampling_job"
 XYZ_ATTR = "delta_sampling_xyz"
@@ -247,6 +247,10 @@ def _carry_for_batch(p: Any, accordion: DeltaParams | None, prompts: list[str], 
                                               f"({', '.join(map(str, hr_plan.loras)) or 'none'}) than the prompt "
                                               f"({', '.join(map(str, plan.loras)) or 'none'}); Delta Sampling runs "
                                               "one source pair for both passes")
+        wanted = _params_with_carried(accordion, plan, settings)
+        if plan.loras and accordion is None:
+            resolve_checkpoint(plan.base, f"Settings > Delta Sampling > source base for {FAMILY_LABELS[plan.family]} "
+                                          "prompt LoRAs")
     except Exception as exc:  # raised by the p.sample wrapper, as a job's errors are
         _replace_job(p, DeltaJob(DeltaParams(), error=exc))
         return
@@ -257,7 +261,6 @@ def _carry_for_batch(p: Any, accordion: DeltaParams | None, prompts: list[str], 
         _say_once(said, note)
     else:
         p.extra_generation_params.pop(prompt_loras.NOTE_INFOTEXT, None)
-    wanted = _params_with_carried(accordion, plan, settings)
     current = job.params if job is not None else None
     if wanted == current and (job.carried.loras if job is not None and job.carried else ()) == plan.loras:
         return
@@ -279,8 +282,11 @@ def _params_with_carried(accordion: DeltaParams | None, plan: CarryPlan, setting
         return accordion
     if accordion is not None:
         return accordion.replace(loras=[*accordion.loras, *plan.loras])
-    return DeltaParams.create(enabled=True, scale=settings.scale, source=plan.base, loras=list(plan.loras),
-                              source_resolution=settings.source_resolution)
+    try:
+        return DeltaParams.create(enabled=True, scale=settings.scale, source=plan.base, loras=list(plan.loras),
+                                  source_resolution=settings.source_resolution)
+    except ParamError as exc:
+        raise ParamError("Settings > Delta Sampling, carried prompt LoRAs", str(exc)) from exc
 
 
 def _say_once(said: list[str], line: str) -> None:

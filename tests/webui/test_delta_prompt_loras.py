@@ -214,6 +214,13 @@ def test_img2img_and_inpainting_carry_the_prompt_lora(webui):
     assert_only_the_masked_square_changed(carried["images"][0], plain.astype(int), 16, 48, 4)
 
 
+def test_a_base_that_is_gone_is_refused_naming_the_setting(webui):
+    with carry_settings(webui, delta_sampling_carry_base_sd1="no-such-model.safetensors"):
+        r = webui.post("/sdapi/v1/txt2img", json=webui.payload("tiny-sdxl-a", f"{PROMPT} <lora:tiny-sd1-lora:0.8>"))
+    assert r.status_code == 422, r.text[:500]
+    assert r.json()["detail"].startswith("Settings > Delta Sampling > source base for SD1 prompt LoRAs: no checkpoint")
+
+
 def test_a_tag_with_two_weights_is_refused_and_the_next_request_works(webui):
     with carry_settings(webui, delta_sampling_carry_base_sd1=webui.models.title("tiny-sd1-a")):
         offset = webui.log_offset()
