@@ -61,6 +61,12 @@ class StationaryField:
         gain = self.psd.unsqueeze(0) / (self.psd.unsqueeze(0) + s2)
         return mu + torch.fft.ifft2(gain * torch.fft.fft2(x.to(DT) - mu)).real
 
+    def denoise_flow(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The exact x0 denoiser for a rectified flow, ``x = (1 - sigma) * x0 + sigma * eps`` (sigma < 1): the same
+        posterior as the k-diffusion one at ``x / (1 - sigma)``, noise level ``sigma / (1 - sigma)``."""
+        s = sigma.to(DT)
+        return self.denoise(x.to(DT) / (1 - s).view(-1, 1, 1, 1), s / (1 - s))
+
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """``count`` clean samples (count, C, N, N)."""
         white = torch.randn(count, *self.psd.shape, dtype=DT, generator=generator)
@@ -83,34 +89,40 @@ class StationaryField:
 
 def ds_native(
     x: torch.Tensor, sigma: torch.Tensor, target: StationaryField, base: StationaryField, adapted: StationaryField,
-    *, factor: int, upsample: str = "bilinear",
+    *, factor: int, upsample: str = "bilinear", flow: bool = False,
 ) -> torch.Tensor:
     """DS at lambda 1 with exact legs on the ``factor`` times coarser grid (factor 1: the full-resolution legs),
-    through the engine's own :func:`lib_delta.delta.delta_denoised`."""
+    through the engine's own :func:`lib_delta.delta.delta_denoised`; ``flow``: the fields as a rectified flow's data
+    (SD3's format), k-diffusion's SD1 otherwise."""
     from .delta import delta_denoised
 
-    if factor == 1:
-        legs_base, legs_adapted = base.denoise, adapted.denoise
-    else:
-        base_k, adapted_k = base.pooled(factor), adapted.pooled(factor)
-        legs_base, legs_adapted = base_k.denoise, adapted_k.denoise
-    return delta_denoised(x, sigma, target.denoise(x, sigma), legs_base, legs_adapted, scale=1.0, source="sd1",
-                          target="sd1", factor=factor, upsample=upsample)
+    legs = (base, adapted) if factor == 1 else (base.pooled(factor), adapted.pooled(factor))
+    legs_base, legs_adapted = ((leg.denoise_flow if flow else leg.denoise) for leg in legs)
+    family = "sd3" if flow else "sd1"
+    own = target.denoise_flow(x, sigma) if flow else target.denoise(x, sigma)
+    return delta_denoised(x, sigma, own, legs_base, legs_adapted, scale=1.0, source=family, target=family,
+                          factor=factor, upsample=upsample)
 
 
 def transfer_error(
     base: StationaryField, adapted: StationaryField, sigma: float, factor: int, *, upsample: str = "bilinear",
-    count: int = 16, seed: int = 0,
+    count: int = 16, seed: int = 0, flow: bool = False,
 ) -> tuple[float, float]:
     """``(relative RMS error, share transferred)`` of DS with target = base and legs at ``factor``, against the exact
-    adapted denoiser, over noisy samples of the adapted field: ``||DS - D_A'|| / ||D_A' - D_A||`` and
+    adapted denoiser, over noisy samples of the adapted field (a rectified flow's, with ``flow``):
+    ``||DS - D_A'|| / ||D_A' - D_A||`` and
     ``<DS - D_A, D_A' - D_A> / ||D_A' - D_A||²`` (1 = all of the adaptation, 0 = none)."""
     generator = torch.Generator().manual_seed(seed)
     x0 = adapted.sample(count, generator)
     s = torch.full((count,), float(sigma), dtype=DT)
-    x = x0 + sigma * torch.randn(x0.shape, dtype=DT, generator=generator)
-    exact, target = adapted.denoise(x, s), base.denoise(x, s)
-    ds = ds_native(x, s, base, base, adapted, factor=factor, upsample=upsample)
+    eps = torch.randn(x0.shape, dtype=DT, generator=generator)
+    if flow:
+        x = (1 - sigma) * x0 + sigma * eps
+        exact, target = adapted.denoise_flow(x, s), base.denoise_flow(x, s)
+    else:
+        x = x0 + sigma * eps
+        exact, target = adapted.denoise(x, s), base.denoise(x, s)
+    ds = ds_native(x, s, base, base, adapted, factor=factor, upsample=upsample, flow=flow)
     wanted = exact - target
     error = torch.linalg.vector_norm(ds - exact) / torch.linalg.vector_norm(wanted)
     share = ((ds - target) * wanted).sum() / (wanted * wanted).sum()

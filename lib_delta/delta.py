@@ -61,11 +61,12 @@ def source_delta(
     """``convert(D_adapted(x_s, sigma_s) - D_base(x_s, sigma_s))`` in the target's space (unscaled by lambda).
 
     With ``factor`` k > 1 the legs are asked on a k times coarser grid: ``x_s`` average-pooled at ``sigma_s / k``
-    (after the latent map, with which pooling commutes), and their delta is upsampled back (:mod:`.resolution`).
+    (after the latent map, with which pooling commutes; a flow family's pooled sample is rescaled to an exact flow
+    sample), and their delta is upsampled back (:mod:`.resolution`).
     ``factor == 1`` is exactly the full-resolution delta."""
     x_s = latent_map.sample_to_source(x)
     sigma_s = latent_map.sigma_to_source(sigma)
-    x_s, sigma_s = pool_sample(x_s, sigma_s, factor)
+    x_s, sigma_s = pool_sample(x_s, sigma_s, factor, flow=latent_map.flow, multiple=latent_map.grid_multiple)
     d_base, d_adapted = legs(x_s, sigma_s)
     check_finite(d_base, "source base model")
     check_finite(d_adapted, "source adapted model")

@@ -10,6 +10,11 @@ the sampler.
 The map assumes both families decode the same real latent to the same image. SD1 and SD2 share a VAE, so for them it
 is the identity. SDXL's VAE is a retrained one with the same layout: the map matches the scales, and how well the
 latents themselves agree is an empirical question the reference implementation answers the same way.
+
+The 16-channel families are rectified flows: ``x = (1 - sigma) * z + sigma * eps``, sigma in (0, 1], and their
+denoisers return x0 too. Within a flow family (SD3, SD3.5 M and L share one VAE and one normalisation; Flux and Chroma
+another) the target's ``x`` and ``sigma`` are exactly the source's, and the map is the identity. Across them (the SD3
+family against Flux: different VAEs) no exact map exists, and none is offered.
 """
 
 from __future__ import annotations
@@ -29,14 +34,19 @@ class LatentFormat:
     channels: int
     scale: float
     shift: float = 0.0
+    flow: bool = False  # rectified flow, x = (1 - sigma) * x0 + sigma * eps; else k-diffusion's x = x0 + sigma * eps
+    vae: str = ""  # whose VAE the latents are: flow formats pair only with the same one
+    grid_multiple: int = 8  # the denoiser's grid must divide by it: a UNet halves it 3 times; MMDiT / Flux patch by 2
 
 
 LATENT_FORMATS: dict[str, LatentFormat] = {
-    "sd1": LatentFormat("sd1", 4, 0.18215),
-    "sd2": LatentFormat("sd2", 4, 0.18215),
-    "sdxl": LatentFormat("sdxl", 4, 0.13025),
-    "sd3": LatentFormat("sd3", 16, 1.5305, 0.0609),
-    "flux": LatentFormat("flux", 16, 0.3611, 0.1159),
+    "sd1": LatentFormat("sd1", 4, 0.18215, vae="sd"),
+    "sd2": LatentFormat("sd2", 4, 0.18215, vae="sd"),
+    "sdxl": LatentFormat("sdxl", 4, 0.13025, vae="sdxl"),
+    # SD3 Medium, SD3.5 Medium and Large: one VAE and normalisation (flow-families-facts.md section 1)
+    "sd3": LatentFormat("sd3", 16, 1.5305, 0.0609, flow=True, vae="sd3", grid_multiple=2),
+    "flux": LatentFormat("flux", 16, 0.3611, 0.1159, flow=True, vae="flux", grid_multiple=2),
+    "chroma": LatentFormat("chroma", 16, 0.3611, 0.1159, flow=True, vae="flux", grid_multiple=2),  # Flux's VAE
 }
 
 
@@ -56,10 +66,13 @@ class LatentMap:
 
     ratio: float
     offset: float
+    flow: bool = False  # both sides are rectified flows (then the map is the identity)
+    grid_multiple: int = 8  # the source denoiser's grid constraint (pooled grids are rounded up to it)
 
     @classmethod
     def between(cls, target: str | LatentFormat, source: str | LatentFormat) -> LatentMap:
-        """Map for a target/source pair; refuses formats whose channel counts differ (e.g. 4- vs 16-channel)."""
+        """Map for a target/source pair; refuses formats whose channel counts differ (e.g. 4- vs 16-channel), and
+        flow formats of different VAEs (the SD3 family against Flux)."""
         t, s = resolve_format(target), resolve_format(source)
         if t.channels != s.channels:
             raise DeltaSamplingError(
@@ -67,7 +80,15 @@ class LatentMap:
                 "their VAEs encode images into different latent spaces, so no exact map between them exists. "
                 "Choose a source pair of the target's family or one with the same latent channel count."
             )
-        return cls(ratio=s.scale / t.scale, offset=s.scale * (t.shift - s.shift))
+        if t.flow or s.flow:
+            if t.flow != s.flow or t.vae != s.vae or (t.scale, t.shift) != (s.scale, s.shift):
+                raise DeltaSamplingError(
+                    f"cannot pair a {s.name} source ({s.vae} VAE) with a {t.name} target ({t.vae} VAE): the two "
+                    "families were trained on different VAEs' latents, so no exact map between them exists. Choose "
+                    f"a source pair of the target's family (the {t.name} family's models share its VAE)."
+                )
+            return cls(ratio=1.0, offset=0.0, flow=True, grid_multiple=s.grid_multiple)
+        return cls(ratio=s.scale / t.scale, offset=s.scale * (t.shift - s.shift), grid_multiple=s.grid_multiple)
 
     @property
     def is_identity(self) -> bool:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -200,7 +200,9 @@ def latent_format_of(model: Any) -> LatentFormat:
     shipped = LATENT_FORMATS[family]
     scale = float(getattr(model, "scale_factor", shipped.scale))
     channels = int(getattr(model, "latent_channels", shipped.channels))
-    return LatentFormat(family, channels, scale, float(getattr(model, "shift_factor", shipped.shift)))
+    # the family's flow, VAE and grid rules as shipped, with the factors the model itself uses
+    return replace(shipped, channels=channels, scale=scale,
+                   shift=float(getattr(model, "shift_factor", shipped.shift)))
 
 
 def _param_bytes(module: torch.nn.Module, seen: set[int] | None = None) -> int:
@@ -737,11 +739,9 @@ class SourcePair:
 def _unit_for(unit: ControlUnit, net: ControlNet | IPAdapter, index: int) -> ControlUnit:
     """The unit with its module checked against its file: an IP-Adapter takes a CLIP vision encoder (the default
     "none" becomes ip-adapter-auto), a ControlNet a preprocessor."""
-    import dataclasses
-
     if isinstance(net, IPAdapter):
         if unit.module == "none":
-            return dataclasses.replace(unit, module="ip-adapter-auto")
+            return replace(unit, module="ip-adapter-auto")
         if not unit.is_image_prompt:
             raise SourceModelError(f"controlnet[{index}]: module: {unit.model} is an IP-Adapter; its module is the "
                                    f"image encoder ({', '.join(IP_ENCODERS)}), not the preprocessor {unit.module!r}")

@@ -11,7 +11,7 @@ from lib_delta.timesteps import DiscreteSchedule
 
 from conftest import DIM, SHAPE, Case, random_gaussian, random_mixture
 
-PAIRS = [("sd1", "sdxl"), ("sdxl", "sd1"), ("sd1", "sd2"), ("sd3", "flux")]
+PAIRS = [("sd1", "sdxl"), ("sdxl", "sd1"), ("sd1", "sd2"), ("flux", "chroma")]  # flow pairs: test_flow.py
 
 
 def noisy(dist, sigma, seed=3):
@@ -29,7 +29,7 @@ def mixed_sigmas(n=48):
 
 
 def as_channels(case_target_fmt):
-    return 16 if case_target_fmt in ("sd3", "flux") else 4
+    return 16 if case_target_fmt in ("sd3", "flux", "chroma") else 4
 
 
 @pytest.mark.parametrize(("target", "source"), PAIRS)
