@@ -77,8 +77,8 @@ def plant_device_mistake() -> None:
 
     original = delta.pool_sample
 
-    def pool_sample(x, sigma, factor):
-        x, sigma = original(x, sigma, factor)
+    def pool_sample(x, sigma, factor, **rules):
+        x, sigma = original(x, sigma, factor, **rules)
         return x + torch.zeros(x.shape[1:], dtype=x.dtype), sigma  # the mistake: no device=
 
     delta.pool_sample = pool_sample
