@@ -85,7 +85,6 @@ class PromptLora:
     name: str
     weight: float
     family: str | None
-    image: int  # index of the image in the generation (0-based)
 
     @property
     def spec(self) -> LoraSpec:

@@ -164,7 +164,7 @@ def prompt_tags(prompts: list[str], first_image: int, target: str) -> list[list[
                 on_disk = _find_network(name)
                 family = _family_or_none(on_disk, target)
                 weight = _tag_weight(params, f"<{kind}:{name}> in image {first_image + offset + 1}") if family else 1.0
-                tags.append(PromptLora(name, weight, family, first_image + offset))
+                tags.append(PromptLora(name, weight, family))
         images.append(tags)
     return images
 

@@ -60,8 +60,8 @@ def test_lora_family_by_the_layer_names_with_metadata_for_ties():
     assert lora_family(["lora_unet_nothing_here.lora_down.weight"], "sdxl", declared="sd1") is None
 
 
-def tag(name, family, image=0, weight=0.8):
-    return PromptLora(name, weight, family, image)
+def tag(name, family, weight=0.8):
+    return PromptLora(name, weight, family)
 
 
 BASES = CarrySettings(bases={"sd1": "tiny-sd1-a"})
@@ -95,11 +95,11 @@ def test_plan_carries_one_family_and_drops_a_third_one_with_a_reason():
 
 
 def test_plan_refuses_a_batch_whose_images_carry_different_sets():
-    images = [[tag("sd1-style", "sd1", 2)], [tag("sd1-style", "sd1", 3, weight=0.5)]]
+    images = [[tag("sd1-style", "sd1")], [tag("sd1-style", "sd1", weight=0.5)]]
     with pytest.raises(ParamError, match=r"image 3: sd1-style:0.8; image 4: sd1-style:0.5"):
         plan_carry(images, "sdxl", BASES, first_image=2)
     with pytest.raises(ParamError, match=r"image 2: none"):
         plan_carry([[tag("sd1-style", "sd1")], []], "sdxl", BASES)
-    same = plan_carry([[tag("s", "sd1", 0)], [tag("s", "sd1", 1)]], "sdxl", BASES)
+    same = plan_carry([[tag("s", "sd1")], [tag("s", "sd1")]], "sdxl", BASES)
     assert same.loras == (LoraSpec("s", 0.8),)
     assert plan_carry([[tag("x", None)], []], "sdxl", BASES).empty  # tags of the target's family: nothing to do
