@@ -27,6 +27,7 @@ from .errors import DeltaSamplingError
 
 __all__ = [
     "FAMILIES",
+    "LORA_FAMILIES",
     "SLICES",
     "LoraError",
     "LoraMisfitError",
@@ -40,7 +41,11 @@ __all__ = [
     "webui_layer_name",
 ]
 
-FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")  # the UNet families, with a standard full-size layout
+# MMDiT families (SD3, SD3.5 M/L): kohya names every layer ``lora_unet_<its path, dots as underscores>`` and sizes
+# vary by model, so keys resolve against the real module names only, never against a standard layout
+MMDIT_FAMILIES: tuple[str, ...] = ("sd3",)
+LORA_FAMILIES: tuple[str, ...] = (*FAMILIES, *MMDIT_FAMILIES)
 SLICES: tuple[str, ...] = ("q", "k", "v")
 
 UNET_PREFIX = "model.diffusion_model."
@@ -55,9 +60,9 @@ class LoraMisfitError(LoraError):
 
 
 def check_family(family: str) -> str:
-    """Return ``family`` if it is one of :data:`FAMILIES`, else raise :class:`LoraError`."""
-    if family not in FAMILIES:
-        raise LoraError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    """Return ``family`` if it is one of :data:`LORA_FAMILIES`, else raise :class:`LoraError`."""
+    if family not in LORA_FAMILIES:
+        raise LoraError(f"unknown model family {family!r}; expected one of {', '.join(LORA_FAMILIES)}")
     return family
 
 
@@ -203,11 +208,15 @@ def kohya_to_module(
         if index.family != family:
             raise LoraError(f"module index was built for family {index.family!r}, not {family!r}")
     elif module_names is None:
+        standard_module_paths(family)  # raises for families without a standard layout
         index = _standard_index(family)
     else:
         index = ModuleNameIndex(module_names, family)
 
     base = key.partition(".")[0]
+    if family in MMDIT_FAMILIES:  # kohya's only rule for them: lora_unet_ + the path with underscores
+        path = index.get(base.replace("lora_unet", "diffusion_model", 1)) if base.startswith("lora_unet_") else None
+        return (path, None) if path is not None else None
     name = diffusers_to_compvis(base, family == "sd2")
     if (path := index.get(name)) is not None:
         return path, None
@@ -430,7 +439,10 @@ def standard_module_paths(family: str) -> dict[str, str]:
 
     Derived from the ldm/sgm constructors (SD1.5 / SD2.x / SDXL base configs), no torch needed.
     """
-    return dict(_standard_layout(check_family(family)))
+    if check_family(family) not in FAMILIES:
+        raise LoraError(f"{family} models have no standard layout here (their sizes vary by model): resolve LoRA keys "
+                        "against the model's own module names")
+    return dict(_standard_layout(family))
 
 
 @functools.cache

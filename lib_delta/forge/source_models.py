@@ -2,6 +2,11 @@
 source, denoising through the engine's own ``KModel.apply_model`` (x0 at a k-diffusion sigma, as Forge's sampler
 calls it for the target). The webui layer's cache, pair and legs use them like the A1111 ones.
 
+SD3-family sources (SD3, SD3.5 M and L) are usually transformer-only files: Forge builds every such engine with
+CLIP-L, CLIP-G, T5 and the VAE, taken from the checkpoint or from the "VAE / Text Encoder" menu. A source without them
+gets the target's choices; when its text encoders then come from the very files the target's do, the source engine
+uses the target's text encoders instead of a second copy (:func:`_share_text_encoders`).
+
 LoRA/LyCORIS files work as in A1111 (the runtime LoRA of :mod:`lib_delta.lora` on one engine), on every family: Forge's
 UNet keeps the ldm module names, and a view shows its HF text encoders under the paths A1111's key names map to
 (:func:`_lora_view`). ControlNet units work too: the network is built from Forge's own UNet class and configuration, and
@@ -18,7 +23,14 @@ from typing import Any
 
 import torch
 
-from ..webui.source_models import LoadedCheckpoint, SourceModelError, latent_format_of, model_family
+from ..errors import DeltaSamplingError
+from ..webui.source_models import (
+    FLUX_REFUSAL,
+    LoadedCheckpoint,
+    SourceModelError,
+    latent_format_of,
+    model_family,
+)
 
 
 class ForgeDenoiser:
@@ -50,6 +62,7 @@ class ForgeCheckpoint(LoadedCheckpoint):
     between generations" hands it back to the manager's offload)."""
 
     net_patchers: dict[int, Any] = field(default_factory=dict)  # id(ControlNet) -> its ModelPatcher
+    borrowed_text_encoders: bool = False  # the target's (same files): never moved, freed or counted as the source's
 
     def free(self) -> None:
         """Take the engine out of Forge's memory manager (which would keep it alive) and drop its weights."""
@@ -58,9 +71,12 @@ class ForgeCheckpoint(LoadedCheckpoint):
         self.release()
         for loaded in self._managed():
             memory_management.current_loaded_models.remove(loaded)
-        objects = self.model.forge_objects
-        for module in (objects.unet.model, objects.clip.cond_stage_model):
+        for module in self._own_modules():
             module.to(device="meta")
+
+    def _own_modules(self) -> list[torch.nn.Module]:
+        objects = self.model.forge_objects
+        return [objects.unet.model] + ([] if self.borrowed_text_encoders else [objects.clip.cond_stage_model])
 
     def _managed(self, nets_only: bool = False) -> list[Any]:
         """The memory manager's entries (``LoadedModel``) for this engine's ControlNets, and unless ``nets_only`` its
@@ -68,7 +84,9 @@ class ForgeCheckpoint(LoadedCheckpoint):
         from backend import memory_management
 
         objects = self.model.forge_objects
-        patchers = set() if nets_only else {id(objects.unet), id(objects.clip.patcher)}
+        patchers = set() if nets_only else {id(objects.unet)}
+        if not nets_only and not self.borrowed_text_encoders:
+            patchers.add(id(objects.clip.patcher))
         patchers.update(id(p) for p in self.net_patchers.values())
         return [m for m in memory_management.current_loaded_models if id(m.model) in patchers]
 
@@ -153,8 +171,7 @@ class ForgeCheckpoint(LoadedCheckpoint):
     def nbytes(self, seen: set[int] | None = None) -> int:
         seen = set() if seen is None else seen
         total = 0
-        objects = self.model.forge_objects
-        for module in (objects.unet.model, objects.clip.cond_stage_model):
+        for module in self._own_modules():
             for tensor in list(module.parameters()) + list(module.buffers()):
                 if tensor.data_ptr() in seen or tensor.device.type == "meta":
                     continue
@@ -168,14 +185,29 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Forg
     from backend.loader import forge_loader
 
     started = time.perf_counter()
+    keys = _checkpoint_keys(info.filename)
+    if any(".double_blocks.0." in k or k.startswith("double_blocks.0.") for k in keys):
+        raise SourceModelError(f"{info.name} is a Flux-family checkpoint. {FLUX_REFUSAL}")
+    if _is_mmdit(keys):
+        _refuse_for_target(info)
+    modules = _modules_for(info, keys)
     try:
         with torch.inference_mode():
-            engine = forge_loader(info.filename)
+            engine = forge_loader(info.filename, additional_state_dicts=modules or None)
     except Exception as exc:
-        raise SourceModelError(f"Forge cannot build a model from {info.name}: {type(exc).__name__}: {exc}") from exc
+        hint = ""
+        if _is_mmdit(keys) and not modules:
+            hint = ("; it holds no text encoders or VAE, which Forge needs for every SD3-family model: choose them in "
+                    "Forge's \"VAE / Text Encoder\" menu (the source gets the target's choice)")
+        raise SourceModelError(
+            f"Forge cannot build a model from {info.name}: {type(exc).__name__}: {exc}{hint}") from exc
+    if engine is None:
+        raise SourceModelError(f"Forge cannot build a model from {info.name}: Forge does not recognise its type")
+    if type(engine).__name__ in ("Flux", "Chroma"):
+        raise SourceModelError(f"{info.name} is a {type(engine).__name__} checkpoint. {FLUX_REFUSAL}")
     family = model_family(engine)
-    if family not in ("sd1", "sd2", "sdxl") or not engine.is_webui_legacy_model():
-        raise SourceModelError(f"{info.name} is not an SD1/SD2/SDXL checkpoint ({type(engine).__name__}); Delta "
+    if family not in ("sd1", "sd2", "sdxl", "sd3") or not engine.is_webui_legacy_model():
+        raise SourceModelError(f"{info.name} is not an SD1/SD2/SDXL/SD3 checkpoint ({type(engine).__name__}); Delta "
                                "Sampling sources must be one of those families")
     if getattr(engine, "is_inpaint", False):
         raise SourceModelError(f"{info.name} is an inpainting checkpoint; a source pair must be ordinary "
@@ -183,15 +215,90 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Forg
     for objects in (engine.forge_objects, engine.forge_objects_original, engine.forge_objects_after_applying_lora):
         objects.vae = None  # DS never decodes with a source model
     engine.sd_checkpoint_info = info
+    borrowed = family == "sd3" and _share_text_encoders(engine, keys, modules)
     unet = engine.forge_objects.unet.model.diffusion_model
+    text_roots = {"sdxl": "conditioner", "sd3": "text_encoders"}
     checkpoint = ForgeCheckpoint(
         info=info, model=engine, denoiser=ForgeDenoiser(engine), family=family,
         latent_format=latent_format_of(engine), load_seconds=time.perf_counter() - started,
-        text_encoder_root="conditioner" if family == "sdxl" else "cond_stage_model",
+        text_encoder_root=text_roots.get(family, "cond_stage_model"),
         lora_view=_lora_view(engine, family),
         unet_kwargs=_constructor_kwargs(unet),
+        borrowed_text_encoders=borrowed,
     )
     return checkpoint
+
+
+def _checkpoint_keys(filename: str) -> list[str]:
+    """A checkpoint's tensor names, from a safetensors header (nothing else is read); [] for other formats."""
+    if not filename.lower().endswith(".safetensors"):
+        return []
+    try:
+        from safetensors import safe_open
+
+        with safe_open(filename, framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception:  # an unreadable file: Forge's loader says what is wrong with it
+        return []
+
+
+def _refuse_for_target(info: Any) -> None:
+    """An SD3-family source under a target of another latent family, refused before Forge builds it (it would need
+    text encoders the target was not built with)."""
+    from modules import shared
+
+    from ..latent import LATENT_FORMATS, LatentMap
+
+    try:
+        LatentMap.between(latent_format_of(shared.sd_model), LATENT_FORMATS["sd3"])
+    except DeltaSamplingError as exc:
+        raise SourceModelError(f"{info.name} (sd3) does not fit the target ({model_family(shared.sd_model)}): "
+                               f"{exc}") from exc
+
+
+def _is_mmdit(keys: list[str]) -> bool:
+    return any(k.endswith("joint_blocks.0.context_block.attn.qkv.weight") for k in keys)
+
+
+def _target_modules() -> list[str]:
+    """The files of Forge's "VAE / Text Encoder" menu the current target was built with."""
+    from modules import sd_models
+
+    return list(sd_models.model_data.forge_loading_parameters.get("additional_modules", None) or [])
+
+
+def _modules_for(info: Any, keys: list[str]) -> list[str]:
+    """The extra files an SD3-family source is built with: none when the checkpoint holds its text encoders and VAE,
+    else the target's menu choices (Forge builds every SD3 engine with CLIP-L, CLIP-G, T5 and a VAE)."""
+    if not _is_mmdit(keys):
+        return []
+    complete = (any(k.startswith("text_encoders.") for k in keys)
+                and any(k.startswith("first_stage_model.") for k in keys))
+    return [] if complete else _target_modules()
+
+
+def _share_text_encoders(engine: Any, keys: list[str], modules: list[str]) -> bool:
+    """Let an SD3-family source use the target's text encoders when both took them from the same files (neither
+    checkpoint holds text encoders of its own, the same menu choices): the conditioning is then the target's, and one
+    copy of CLIP-L/G and T5 (10 GB in bf16 with a real T5) stays in memory instead of two. The source's own copy is
+    dropped at once."""
+    from modules import shared
+
+    target = shared.sd_model
+    if not modules or not getattr(target, "is_sd3", False) or any(k.startswith("text_encoders.") for k in keys):
+        return False
+    target_info = getattr(target, "sd_checkpoint_info", None)
+    if target_info is None or any(k.startswith("text_encoders.") for k in _checkpoint_keys(target_info.filename)):
+        return False
+    if not _checkpoint_keys(target_info.filename) or sorted(modules) != sorted(_target_modules()):
+        return False
+    own = engine.forge_objects.clip
+    for objects in (engine.forge_objects, engine.forge_objects_original, engine.forge_objects_after_applying_lora):
+        objects.clip = target.forge_objects.clip
+    for name in ("text_processing_engine_l", "text_processing_engine_g", "text_processing_engine_t5"):
+        setattr(engine, name, getattr(target, name))
+    own.cond_stage_model.to(device="meta")
+    return True
 
 
 def _constructor_kwargs(unet: torch.nn.Module) -> dict[str, Any]:
@@ -216,6 +323,8 @@ def _lora_view(engine: Any, family: str) -> torch.nn.Module:
     view = torch.nn.Module()
     view.model = torch.nn.Module()
     view.model.diffusion_model = engine.forge_objects.unet.model.diffusion_model
+    if family == "sd3":
+        return view  # the transformer's layers only: text-encoder keys of SD3 LoRAs are reported as not applied
     if family == "sd1":
         view.cond_stage_model = encoders.clip_l  # .transformer: HF CLIP-L
     elif family == "sd2":

@@ -38,13 +38,22 @@ from ..latent import LatentFormat, LatentMap
 from ..params import INFOTEXT_KEYS as PARAMS_INFOTEXT_KEYS
 from ..params import UNIT_INFOTEXT_KEYS, DeltaParams
 from ..prompt_loras import FAMILY_LABELS, CarryPlan, plan_carry
-from ..resolution import LATENT_CELL, pooled_size, pooling_factor
+from ..resolution import LATENT_CELL, grid_multiple, pooled_size, pooling_factor
 from ..schedule import LambdaSchedule, guard_delta
 from ..timesteps import DiscreteSchedule, vp_to_ve, x0_delta_to_eps
 from . import prompt_loras
 from .image_prompts import TokenMaker, resolve_encoder, unit_tokens
 from .legs import LegConds, LegRequest, PromptSet, SourceLegs, encode_legs
-from .source_models import CACHE, OFFLOAD, SourcePair, latent_format_of, model_family, resolve_checkpoint
+from .source_models import (
+    A1111_SD3_REFUSAL,
+    CACHE,
+    FLUX_REFUSAL,
+    OFFLOAD,
+    SourcePair,
+    latent_format_of,
+    model_family,
+    resolve_checkpoint,
+)
 
 JOB_ATTR = "delta_sampling_job"
 XYZ_ATTR = "delta_sampling_xyz"
@@ -177,7 +186,9 @@ def _start_job(p: Any, params: DeltaParams, *, shown: DeltaParams | None, carrie
         return
     try:
         _refuse_global_unet_patches()
+        _refuse_target_family()
         pair = CACHE.pair(params)
+        _check_pair_fits_target(pair)
         job.source_family = pair.base.family
         print(f"Delta Sampling: {CACHE.last_event}")
         _write_infotext(p, job, pair)
@@ -194,6 +205,27 @@ def _start_job(p: Any, params: DeltaParams, *, shown: DeltaParams | None, carrie
         job.schedule = params.lambda_schedule()
     except Exception as exc:  # surfaced by the p.sample wrapper, see the module docstring
         job.fail(exc)
+
+
+def _refuse_target_family() -> None:
+    """Targets DS cannot run on, refused before any source model loads."""
+    from modules import shared
+
+    family = model_family(shared.sd_model)
+    if family in ("flux", "chroma"):
+        raise ParamError("target", f"the target is a {family} model. {FLUX_REFUSAL}")
+    if family == "sd3" and not host().forge:
+        raise ParamError("target", f"the target is an SD3 model: {A1111_SD3_REFUSAL}")
+
+
+def _check_pair_fits_target(pair: SourcePair) -> None:
+    """A source pair whose latents cannot be mapped exactly onto the target's (4 vs 16 channels, or flow models of
+    another VAE) is a request error naming both families, before sampling starts."""
+    try:
+        LatentMap.between(_target_format(), pair.latent_format)
+    except DeltaSamplingError as exc:
+        raise ParamError("source", f"{pair.base.info.name} ({pair.base.family}) does not fit the target "
+                                   f"({_target_format().name}): {exc}") from exc
 
 
 # --- prompt LoRAs of another family --------------------------------------------------------------------------------
@@ -538,9 +570,10 @@ def _pass_state(job: DeltaJob, denoiser: Any) -> PassState:
                                       job.pair.base.family)
         if state.factor > 1:
             # The legs' own size (SDXL conditions on it): the pooled grid's, in pixels.
+            multiple = grid_multiple(job.pair.base.family)
             prompts = dataclasses.replace(
-                prompts, width=pooled_size(prompts.width // LATENT_CELL, state.factor) * LATENT_CELL,
-                height=pooled_size(prompts.height // LATENT_CELL, state.factor) * LATENT_CELL)
+                prompts, width=pooled_size(prompts.width // LATENT_CELL, state.factor, multiple) * LATENT_CELL,
+                height=pooled_size(prompts.height // LATENT_CELL, state.factor, multiple) * LATENT_CELL)
         state.legs_size = (prompts.width, prompts.height)
         conds = job.cond_cache.get(prompts)
         if conds is None:

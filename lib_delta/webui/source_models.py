@@ -181,10 +181,22 @@ def _file_key(filename: str) -> tuple[str, int, float]:
     return (os.path.abspath(filename), st.st_size, st.st_mtime)
 
 
+FLUX_REFUSAL = ("Flux and Chroma models are not supported by Delta Sampling yet: Forge fixes their full size (12B "
+                "parameters), so no test model small enough for this project's test machines exists to prove a "
+                "transfer with them; the SD3 family (SD3, SD3.5 M and L) is supported in Forge")
+A1111_SD3_REFUSAL = ("the AUTOMATIC1111 webui 1.10 cannot run the SD3 family as Delta Sampling needs: it loads SD3 "
+                     "Medium alone (SD3.5 Medium fails to load, SD3.5 Large loads without its QK-norm and draws "
+                     "noise); Delta Sampling transfers between SD3, SD3.5 M and SD3.5 L in Forge")
+
+
 def model_family(model: Any) -> str:
-    """"sd1", "sd2" or "sdxl" for a loaded webui model; raises for families DS cannot use as a source."""
+    """The family of a loaded webui model: "sd1", "sd2", "sdxl", "sd3" (SD3 and SD3.5), or Forge's "flux" and
+    "chroma" (which DS refuses)."""
     if getattr(model, "is_sd3", False):
         return "sd3"
+    kind = type(model).__name__
+    if kind in ("Flux", "Chroma"):  # Forge's engines; no is_* flag tells them
+        return kind.lower()
     if getattr(model, "is_sdxl", False):
         return "sdxl"
     if getattr(model, "is_sd2", False):
@@ -495,6 +507,8 @@ def load_checkpoint(info: Any, device: torch.device, precision: Precision) -> Lo
                 "(--disable-safe-unpickle); convert it to .safetensors to use it as a DS source"
             )
         state_dict = read_checked_state_dict(info.filename, "checkpoint")
+        if any(k.endswith("x_embedder.proj.weight") for k in state_dict):  # an MMDiT, before building anything
+            raise SourceModelError(f"{info.name} is an SD3-family checkpoint: {A1111_SD3_REFUSAL}")
         config_path = sd_models_config.find_checkpoint_config(state_dict, info)
         config = OmegaConf.load(config_path)
         sd_models.repair_config(config, state_dict)
@@ -574,7 +588,7 @@ def load_checkpoint(info: Any, device: torch.device, precision: Precision) -> Lo
 
 def _refuse_unusable(model: Any, info: Any) -> None:
     if getattr(model, "is_sd3", False):
-        raise SourceModelError(f"{info.name} is an SD3 checkpoint; SD3 sources are not supported yet")
+        raise SourceModelError(f"{info.name} is an SD3 checkpoint: {A1111_SD3_REFUSAL}")
     unet_in = getattr(getattr(model.model, "diffusion_model", None), "in_channels", 4)
     if unet_in != 4 or getattr(model, "cond_stage_key", "") == "edit":
         raise SourceModelError(
@@ -654,7 +668,7 @@ def load_lora(checkpoint: LoadedCheckpoint, spec: LoraSpec) -> LoraNetwork:
     if network.matched_keys == 0:
         per_family = layers_named_per_family(state_dict)
         others = [family for family, count in per_family.items() if count and family != checkpoint.family]
-        if others and per_family[checkpoint.family] < max(per_family[f] for f in others):
+        if others and per_family.get(checkpoint.family, 0) < max(per_family[f] for f in others):
             why = (f"its keys name layers of {' / '.join(others)} models; {hint}")
         elif network.skipped_keys:
             reasons = sorted(set(network.skipped_keys.values()))
@@ -841,6 +855,10 @@ class SourceCache:
                 except LoraError as exc:
                     raise SourceModelError(f"loras: {exc}") from exc
                 adapted.runtime_lora = runtime
+            if params.controlnet and adapted.family == "sd3":
+                raise SourceModelError(
+                    "controlnet: Delta Sampling runs no ControlNet or IP-Adapter units on SD3-family sources yet "
+                    f"({adapted.info.name}); Forge has no SD3 ControlNet of its own to check them against")
             controls = []
             for index, asked in enumerate(params.controlnet):
                 name, filename = resolve_controlnet(asked.model)
@@ -924,6 +942,8 @@ class SourceCache:
                 models.append({
                     "title": loaded.title,
                     "family": loaded.family,
+                    # Forge, SD3 family: the source conditions through the target's own text encoders (same files)
+                    "uses_target_text_encoders": bool(getattr(loaded, "borrowed_text_encoders", False)),
                     "device": str(loaded.device),
                     "dtype": str(loaded.storage) if loaded.storage is not None
                     else str(next(loaded.unet.parameters()).dtype).replace("torch.", ""),

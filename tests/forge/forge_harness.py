@@ -27,6 +27,7 @@ FORGE_DIR = Path(os.path.expanduser(os.environ.get("FORGE_DIR", "~/stable-diffus
 FORGE_PYTHON = Path(os.path.expanduser(os.environ.get("FORGE_PYTHON", str(FORGE_DIR / "venv" / "bin" / "python"))))
 FORGE_CACHE = h.CACHE_ROOT.parent / "forge-fixtures"
 GENERATOR = HERE / "fixtures" / "make_forge_models.py"
+SD3_GENERATOR = HERE / "fixtures" / "make_forge_sd3_models.py"
 API_AUTH = ("delta", "s3cret")  # the tier's Forge runs with --api-auth (not in conftest: two tiers have a conftest)
 
 CONFIG = {
@@ -76,6 +77,32 @@ def ensure_forge_models(generator: Path = GENERATOR) -> h.TinyModels:
                                stderr=subprocess.STDOUT, timeout=1200)
             generated = True
     manifest = json.loads((root / "manifest.json").read_text())
+    return _models(root, manifest, generated, time.monotonic() - t0)
+
+
+def ensure_forge_sd3_models() -> h.TinyModels:
+    """The SD3-family fixtures (fixtures/make_forge_sd3_models.py, run in Forge's own venv: it builds the
+    transformers with Forge's ``MMDiTX``), generated once and cached by the generator's contents. Their text encoders
+    and VAE are separate files (``manifest["modules"]``), chosen per request as Forge's "VAE / Text Encoder"."""
+    digest = hashlib.sha256(SD3_GENERATOR.read_bytes()).hexdigest()[:16]
+    root = FORGE_CACHE / f"sd3-{digest}"
+    FORGE_CACHE.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    generated = False
+    with open(FORGE_CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "manifest.json").is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            with open(root / "generate.log", "w") as log:
+                subprocess.run([str(FORGE_PYTHON), str(SD3_GENERATOR), "--out", str(root), "--forge-dir",
+                                str(FORGE_DIR)], check=True, cwd=FORGE_DIR, env=h.webui_subprocess_env(),
+                               stdout=log, stderr=subprocess.STDOUT, timeout=1200)
+            generated = True
+    manifest = json.loads((root / "manifest.json").read_text())
+    return _models(root, manifest, generated, time.monotonic() - t0)
+
+
+def _models(root: Path, manifest: dict, generated: bool, seconds: float) -> h.TinyModels:
     ckpt_dir = root / "Stable-diffusion"
     checkpoints = {c["name"]: h.Checkpoint(
         name=c["name"], family=c["family"], file=c["file"], path=ckpt_dir / c["file"],
@@ -87,7 +114,20 @@ def ensure_forge_models(generator: Path = GENERATOR) -> h.TinyModels:
              for lo in manifest.get("loras", [])}
     return h.TinyModels(root=root, ckpt_dir=ckpt_dir, lora_dir=root / "Lora", open_clip_configs=root,
                         manifest=manifest, checkpoints=checkpoints, loras=loras, generated=generated,
-                        seconds=time.monotonic() - t0)
+                        seconds=seconds)
+
+
+def combined(*sets: h.TinyModels) -> h.TinyModels:
+    """Several fixture sets served by one Forge (the first set's root holds its ControlNet files)."""
+    first = sets[0]
+    manifest = {"checkpoints": [c for s in sets for c in s.manifest["checkpoints"]],
+                "loras": [lo for s in sets for lo in s.manifest.get("loras", [])],
+                "modules": [dict(m, root=str(s.root)) for s in sets for m in s.manifest.get("modules", [])]}
+    return h.TinyModels(root=first.root, ckpt_dir=first.ckpt_dir, lora_dir=first.lora_dir,
+                        open_clip_configs=first.open_clip_configs, manifest=manifest,
+                        checkpoints={k: v for s in sets for k, v in s.checkpoints.items()},
+                        loras={k: v for s in sets for k, v in s.loras.items()},
+                        generated=any(s.generated for s in sets), seconds=sum(s.seconds for s in sets))
 
 
 def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | None = None, *,
@@ -112,6 +152,10 @@ def start_forge(models: h.TinyModels, data_dir: Path, extra_args: list[str] | No
     if (models.root / "ControlNetPreprocessor").is_dir():  # the IP-Adapter fixture's image encoder
         (data_dir / "models" / "ControlNetPreprocessor").symlink_to(models.root / "ControlNetPreprocessor",
                                                                      target_is_directory=True)
+    for module in models.manifest.get("modules", []):  # SD3 fixtures: Forge's "VAE / Text Encoder" choices
+        folder = data_dir / "models" / module["folder"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / module["file"]).symlink_to(Path(module.get("root", models.root)) / module["folder"] / module["file"])
     (data_dir / "extensions").mkdir(exist_ok=True)
     if extension:  # False: the same Forge without this project (the bench's "absent" process)
         (data_dir / "extensions" / h.EXTENSION_NAME).symlink_to(h.PROJECT_ROOT, target_is_directory=True)

@@ -241,8 +241,8 @@ def test_unmatched_keys(key, family):
 
 
 def test_unknown_family_is_rejected():
-    with pytest.raises(LoraError, match="unknown model family 'sd3'"):
-        kohya_to_module("lora_unet_conv_in", "sd3")
+    with pytest.raises(LoraError, match="unknown model family 'flux'"):
+        kohya_to_module("lora_unet_conv_in", "flux")
     with pytest.raises(LoraError, match="unknown model family"):
         compvis_to_kohya(U + "input_blocks.0.0", "flux")
 
@@ -369,3 +369,38 @@ def test_layers_named_per_family_tells_another_family_from_nothing():
     counts = layers_named_per_family(sd1)
     assert counts["sd1"] == 2 and counts["sdxl"] < 2
     assert layers_named_per_family(["lora_unet_nothing_here.alpha", "junk"]) == {"sd1": 0, "sd2": 0, "sdxl": 0}
+
+
+# --- MMDiT (SD3 / SD3.5): kohya's lora_unet_ + the path with underscores, resolved against the model's own names -----
+
+MMDIT = [U + p for p in ("joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.attn.qkv",
+                         "joint_blocks.0.x_block.attn2.qkv", "joint_blocks.0.x_block.adaLN_modulation.1",
+                         "joint_blocks.0.x_block.mlp.fc1", "x_embedder.proj", "t_embedder.mlp.0")]
+
+
+@pytest.mark.parametrize(("key", "path"), [
+    ("lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight", "joint_blocks.0.x_block.attn.qkv"),
+    ("lora_unet_joint_blocks_0_context_block_attn_qkv", "joint_blocks.0.context_block.attn.qkv"),
+    ("lora_unet_joint_blocks_0_x_block_attn2_qkv", "joint_blocks.0.x_block.attn2.qkv"),
+    ("lora_unet_joint_blocks_0_x_block_adaLN_modulation_1", "joint_blocks.0.x_block.adaLN_modulation.1"),
+    ("lora_unet_x_embedder_proj.alpha", "x_embedder.proj"),
+    ("lora_unet_t_embedder_mlp_0", "t_embedder.mlp.0"),
+])
+def test_sd3_kohya_keys_name_the_mmdit_layers(key, path):
+    assert kohya_to_module(key, "sd3", MMDIT) == (U + path, None)
+
+
+@pytest.mark.parametrize("key", ["lora_unet_joint_blocks_1_x_block_attn_qkv",  # a block this model lacks (L on M)
+                                 "lora_te1_text_model_encoder_layers_0_mlp_fc1",  # text encoders: not in the view
+                                 "lora_unet_input_blocks_1_1_proj_in",  # a UNet layer
+                                 "lora_unet_conv_in"])  # no UNet renaming rule applies to MMDiT names
+def test_sd3_keys_of_other_layers_match_nothing(key):
+    assert kohya_to_module(key, "sd3", MMDIT) is None
+
+
+def test_sd3_has_no_standard_layout_and_stays_out_of_family_detection():
+    with pytest.raises(LoraError, match="no standard layout"):
+        kohya_to_module("lora_unet_joint_blocks_0_x_block_attn_qkv", "sd3")
+    assert "sd3" not in FAMILIES  # prompt-tag detection compares the UNet families' layouts only
+    assert layers_named_per_family(["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"]) == {
+        "sd1": 0, "sd2": 0, "sdxl": 0}

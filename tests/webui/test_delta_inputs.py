@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import struct
 
 import pytest
 
@@ -25,6 +27,13 @@ class _Malicious:
         return (os.system, ("touch /tmp/delta-sampling-pickle-ran",))
 
 
+def write_safetensors(path, keys) -> None:
+    """A safetensors file of one fp16 zero per key (enough to be told apart by its names)."""
+    header = {key: {"dtype": "F16", "shape": [1], "data_offsets": [2 * i, 2 * i + 2]} for i, key in enumerate(keys)}
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\x00\x00" * len(keys))
+
+
 @pytest.fixture
 def bad_files(webui):
     sd_dir = webui.data_dir / "models" / "Stable-diffusion"
@@ -33,7 +42,10 @@ def bad_files(webui):
         "broken_checkpoint": sd_dir / "zz-broken.safetensors",
         "evil_checkpoint": sd_dir / "zz-evil.ckpt",
         "broken_lora": lora_dir / "zz-broken-lora.safetensors",
+        "sd3_checkpoint": sd_dir / "zz-sd3-medium.safetensors",
     }
+    write_safetensors(created["sd3_checkpoint"], ["model.diffusion_model.x_embedder.proj.weight",
+                                                  "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight"])
     created["broken_checkpoint"].write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json" + b"\x00" * 64)
     with open(created["evil_checkpoint"], "wb") as f:
         pickle.dump({"state_dict": {"model.diffusion_model.x": _Malicious()}}, f)
@@ -56,6 +68,9 @@ def test_bad_files_are_refused_by_name_and_the_next_request_works(webui, bad_fil
         (ds(scale=1.0, source="zz-broken.safetensors", adapted=b), "cannot read checkpoint"),
         (ds(scale=1.0, source="zz-evil.ckpt", adapted=b), "safe unpickler refused"),
         (ds(scale=1.0, source=a, loras=[{"name": "zz-broken-lora"}]), "cannot read LoRA file"),
+        # what this webui cannot load as DS needs it, refused by name before anything is built
+        (ds(scale=1.0, source="zz-sd3-medium.safetensors", adapted=b),
+         "is an SD3-family checkpoint: the AUTOMATIC1111 webui 1.10 cannot run the SD3 family"),
     ]
     for scripts, message in cases:
         before = webui.get("/delta-sampling/v1/status").json()["models"]
