@@ -70,7 +70,7 @@ def test_bad_files_are_refused_by_name_and_the_next_request_works(webui, bad_fil
         (ds(scale=1.0, source=a, loras=[{"name": "zz-broken-lora"}]), "cannot read LoRA file"),
         # what this webui cannot load as DS needs it, refused by name before anything is built
         (ds(scale=1.0, source="zz-sd3-medium.safetensors", adapted=b),
-         "is an SD3-family checkpoint: the AUTOMATIC1111 webui 1.10 cannot run the SD3 family"),
+         "is an SD3-family checkpoint: Delta Sampling does not run the SD3 family in the AUTOMATIC1111 webui"),
     ]
     for scripts, message in cases:
         before = webui.get("/delta-sampling/v1/status").json()["models"]
