@@ -185,8 +185,8 @@ FLUX_REFUSAL = ("Flux and Chroma models are not supported by Delta Sampling yet:
                 "parameters), so no test model small enough for this project's test machines exists to prove a "
                 "transfer with them; the SD3 family (SD3, SD3.5 M and L) is supported in Forge")
 A1111_SD3_REFUSAL = ("Delta Sampling does not run the SD3 family in the AUTOMATIC1111 webui: 1.10 loads SD3 Medium "
-                     "alone (SD3.5 Medium fails to load, SD3.5 Large loads without its QK-norm and draws noise), so the "
-                     "SD3 <-> SD3.5 transfers the family is for cannot run here; Forge runs them")
+                     "alone (SD3.5 Medium fails to load, SD3.5 Large loads without its QK-norm and draws noise), so "
+                     "the SD3 <-> SD3.5 transfers the family is for cannot run here; Forge runs them")
 
 
 def model_family(model: Any) -> str:
