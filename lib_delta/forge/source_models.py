@@ -62,6 +62,7 @@ class ForgeCheckpoint(LoadedCheckpoint):
     between generations" hands it back to the manager's offload)."""
 
     net_patchers: dict[int, Any] = field(default_factory=dict)  # id(ControlNet) -> its ModelPatcher
+    text_encoder_files: tuple[str, ...] | None = None  # SD3 family: the menu files its text encoders come from
     borrowed_text_encoders: bool = False  # the target's (same files): never moved, freed or counted as the source's
 
     def free(self) -> None:
@@ -73,6 +74,29 @@ class ForgeCheckpoint(LoadedCheckpoint):
             memory_management.current_loaded_models.remove(loaded)
         for module in self._own_modules():
             module.to(device="meta")
+
+    def prepare_for_target(self) -> None:
+        """An SD3-family source whose text encoders come from the menu files alone conditions through the current
+        target's, when the target takes them from the same files (the target may have changed since the source was
+        built: a target of its own files again would otherwise keep the old target's encoders alive)."""
+        if self.text_encoder_files is None or not _target_uses_text_encoders_of(self.text_encoder_files):
+            return
+        from modules import shared
+
+        if self.model.forge_objects.clip is not shared.sd_model.forge_objects.clip:
+            own = None if self.borrowed_text_encoders else self.model.forge_objects.clip
+            _borrow_target_text_encoders(self.model)
+            if own is not None:
+                own.cond_stage_model.to(device="meta")
+            self.borrowed_text_encoders = True
+
+    @property
+    def uses_target_text_encoders(self) -> bool:
+        """Whether this source conditions through the current target's own text encoder objects (status readout)."""
+        from modules import shared
+
+        target_objects = getattr(shared.sd_model, "forge_objects", None)
+        return target_objects is not None and self.model.forge_objects.clip is target_objects.clip
 
     def _own_modules(self) -> list[torch.nn.Module]:
         objects = self.model.forge_objects
@@ -215,7 +239,7 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Forg
     for objects in (engine.forge_objects, engine.forge_objects_original, engine.forge_objects_after_applying_lora):
         objects.vae = None  # DS never decodes with a source model
     engine.sd_checkpoint_info = info
-    borrowed = family == "sd3" and _share_text_encoders(engine, keys, modules)
+    text_encoder_files = _share_text_encoders(engine, keys, modules) if family == "sd3" else None
     unet = engine.forge_objects.unet.model.diffusion_model
     text_roots = {"sdxl": "conditioner", "sd3": "text_encoders"}
     checkpoint = ForgeCheckpoint(
@@ -224,7 +248,8 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Forg
         text_encoder_root=text_roots.get(family, "cond_stage_model"),
         lora_view=_lora_view(engine, family),
         unet_kwargs=_constructor_kwargs(unet),
-        borrowed_text_encoders=borrowed,
+        text_encoder_files=text_encoder_files,
+        borrowed_text_encoders=text_encoder_files is not None and _target_uses_text_encoders_of(text_encoder_files),
     )
     return checkpoint
 
@@ -277,28 +302,43 @@ def _modules_for(info: Any, keys: list[str]) -> list[str]:
     return [] if complete else _target_modules()
 
 
-def _share_text_encoders(engine: Any, keys: list[str], modules: list[str]) -> bool:
-    """Let an SD3-family source use the target's text encoders when both took them from the same files (neither
-    checkpoint holds text encoders of its own, the same menu choices): the conditioning is then the target's, and one
-    copy of CLIP-L/G and T5 (10 GB in bf16 with a real T5) stays in memory instead of two. The source's own copy is
-    dropped at once."""
+def _target_uses_text_encoders_of(files: tuple[str, ...]) -> bool:
+    """Whether the current target is an SD3-family engine whose text encoders all come from ``files`` (the menu
+    choices it was built with; its checkpoint holds none of its own)."""
     from modules import shared
 
     target = shared.sd_model
-    if not modules or not getattr(target, "is_sd3", False) or any(k.startswith("text_encoders.") for k in keys):
+    info = getattr(target, "sd_checkpoint_info", None)
+    if not getattr(target, "is_sd3", False) or info is None or sorted(files) != sorted(_target_modules()):
         return False
-    target_info = getattr(target, "sd_checkpoint_info", None)
-    if target_info is None or any(k.startswith("text_encoders.") for k in _checkpoint_keys(target_info.filename)):
-        return False
-    if not _checkpoint_keys(target_info.filename) or sorted(modules) != sorted(_target_modules()):
-        return False
-    own = engine.forge_objects.clip
+    keys = _checkpoint_keys(info.filename)
+    return bool(keys) and not any(k.startswith("text_encoders.") for k in keys)
+
+
+def _share_text_encoders(engine: Any, keys: list[str], modules: list[str]) -> tuple[str, ...] | None:
+    """Let an SD3-family source use the target's text encoders when both take them from the same files (neither
+    checkpoint holds text encoders of its own, the same menu choices): the conditioning is then the target's, and one
+    copy of CLIP-L/G and T5 (10 GB in bf16 with a real T5) stays in memory instead of two; the source's own copy is
+    dropped at once. Returns the files when the source's text encoders come from them alone (then each generation
+    borrows the current target's again: :meth:`ForgeCheckpoint.prepare_for_target`), else None."""
+    if not modules or any(k.startswith("text_encoders.") for k in keys):
+        return None
+    files = tuple(modules)
+    if _target_uses_text_encoders_of(files):
+        own = engine.forge_objects.clip
+        _borrow_target_text_encoders(engine)
+        own.cond_stage_model.to(device="meta")
+    return files
+
+
+def _borrow_target_text_encoders(engine: Any) -> None:
+    from modules import shared
+
+    target = shared.sd_model
     for objects in (engine.forge_objects, engine.forge_objects_original, engine.forge_objects_after_applying_lora):
         objects.clip = target.forge_objects.clip
     for name in ("text_processing_engine_l", "text_processing_engine_g", "text_processing_engine_t5"):
         setattr(engine, name, getattr(target, name))
-    own.cond_stage_model.to(device="meta")
-    return True
 
 
 def _constructor_kwargs(unet: torch.nn.Module) -> dict[str, Any]:

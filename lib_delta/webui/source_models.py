@@ -37,7 +37,8 @@ from ..errors import DeltaSamplingError, OutOfMemory
 from ..ip_adapter import IPAdapter, IPAdapterFileError, build_ip_adapter, is_ip_adapter, read_ip_adapter
 from ..latent import LATENT_FORMATS, LatentFormat
 from ..lora import LoraError, LoraMisfitError, LoraNetwork, MergedLora, RuntimeLora, merge, parse_network
-from ..lora_keys import layers_named_per_family
+from ..lora_keys import MMDIT_FAMILIES, layers_named_per_family
+from ..lora_mmdit import is_diffusers_mmdit, rewrite_diffusers_mmdit
 from ..params import DeltaParams, LoraSpec
 from ..residency import Offloader
 from .precision import Precision, Storage, current_precision, leg_precision, store_fp8
@@ -357,6 +358,10 @@ class LoadedCheckpoint:
         for network in self.lora_cache.values():
             network.clear_cache()
 
+    def prepare_for_target(self) -> None:
+        """Called for each generation before the pair is used: a host's model may adjust to the current target (Forge:
+        SD3-family sources condition through the target's text encoders when they are the same files)."""
+
     def drop_runtime_lora(self) -> None:
         if self.runtime_lora is not None:
             self.runtime_lora.remove()
@@ -654,6 +659,8 @@ def load_lora(checkpoint: LoadedCheckpoint, spec: LoraSpec) -> LoraNetwork:
         state_dict = read_checked_state_dict(on_disk.filename, "LoRA file")
     except SourceModelError as exc:
         raise SourceModelError(f"loras: {exc}") from exc
+    if checkpoint.family in MMDIT_FAMILIES and is_diffusers_mmdit(state_dict):
+        state_dict = rewrite_diffusers_mmdit(state_dict, last_block=len(checkpoint.unet.joint_blocks) - 1)
     made_for = getattr(getattr(on_disk, "sd_version", None), "name", None) or "unknown"
     hint = (f"it was probably made for another model family (its file says: {made_for}); pick a LoRA trained on the "
             "source base's family")
@@ -844,6 +851,8 @@ class SourceCache:
                         f"adapted: {adapted.info.name} is an {adapted.family} checkpoint but the source base "
                         f"{base.info.name} is {base.family}; the adapted leg must be the same family as the base"
                     )
+            for checkpoint in {id(base): base, id(adapted): adapted}.values():
+                checkpoint.prepare_for_target()
             networks = [(load_lora(adapted, spec), spec.weight) for spec in params.loras]
             # A generation that ended without cleaning up (an error elsewhere in the webui) may have left hooks.
             base.drop_runtime_lora()
@@ -943,7 +952,7 @@ class SourceCache:
                     "title": loaded.title,
                     "family": loaded.family,
                     # Forge, SD3 family: the source conditions through the target's own text encoders (same files)
-                    "uses_target_text_encoders": bool(getattr(loaded, "borrowed_text_encoders", False)),
+                    "uses_target_text_encoders": bool(getattr(loaded, "uses_target_text_encoders", False)),
                     "device": str(loaded.device),
                     "dtype": str(loaded.storage) if loaded.storage is not None
                     else str(next(loaded.unet.parameters()).dtype).replace("torch.", ""),

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from forge_harness import API_AUTH, MISSING, combined, ensure_forge_models, ensure_forge_sd3_models, h, start_forge
-from test_delta_sampling import assert_same_image, ds, infotext
-from webui_harness import image_array, mean_abs_diff
+from test_delta_sampling import assert_only_the_masked_square_changed, assert_same_image, ds, infotext, png_b64
+from webui_harness import image_array, image_from_b64, mean_abs_diff
 
 pytestmark = pytest.mark.forge
 
@@ -89,6 +90,23 @@ def test_a_lora_pair_equals_forges_own_lora(forge, lora):
     plain = forge.txt2img(sd3(forge, "forge-sd35m-a"))["images"][0]
     assert_same_image(got, want, f"DS LoRA pair vs Forge's <lora:{lora}:0.8>")
     assert mean_abs_diff(plain, want) > VISIBLE
+    models = {m["title"].split(".")[0]: m for m in forge.get("/delta-sampling/v1/status").json()["models"]}
+    assert models["forge-sd35m-a"]["uses_target_text_encoders"]  # the new target's, not the earlier one's
+
+
+def test_a_diffusers_format_lora_forge_refuses_equals_forges_own_kohya_lora(forge):
+    """The M-like LoRA in diffusers/PEFT names (q/k/v apart): Forge drops the file; on DS's runtime LoRA it is the
+    kohya file's delta, judged by Forge's own <lora> of the kohya file."""
+    offset = forge.log_offset()
+    host = forge.txt2img(sd3(forge, "forge-sd35m-a", f"{PROMPT} <lora:forge-sd35m-lora-diffusers:0.8>"))["images"][0]
+    assert "LoRA version mismatch" in forge.log_since(offset)
+    assert same_bytes(host, forge.txt2img(sd3(forge, "forge-sd35m-a"))["images"][0])
+    want = forge.txt2img(sd3(forge, "forge-sd35m-a", f"{PROMPT} <lora:forge-sd35m-lora:0.8>"))["images"][0]
+    got = forge.txt2img(sd3(forge, "forge-sd35m-a", alwayson_scripts=pair(
+        forge, "forge-sd35m-a", loras=[{"name": "forge-sd35m-lora-diffusers", "weight": 0.8}])))["images"][0]
+    assert_same_image(got, want, "DS diffusers-format LoRA pair vs Forge's <lora> of the kohya file")
+    loras = {lo["name"]: lo for m in forge.get("/delta-sampling/v1/status").json()["models"] for lo in m["loras"]}
+    assert loras["forge-sd35m-lora-diffusers"]["not_applied_keys"] == 0
 
 
 def test_an_l_lora_forge_refuses_on_m_is_carried_by_ds_and_equals_the_premerged_pair(forge):
@@ -134,3 +152,32 @@ def test_pairs_across_4_and_16_channels_are_refused_naming_both_families(forge, 
     detail = r.json()["detail"]
     assert all(name in detail for name in names) and "Traceback" not in detail, detail
     assert forge.txt2img(payload | {"alwayson_scripts": {}})["images"]  # the host keeps serving
+
+
+def test_hires_img2img_and_inpainting_on_an_sd3_target(forge):
+    """The flow family's own img2img noising and inpainting re-noising: DS(A, A, B) is B's own image in the hires pass,
+    in img2img and inside an inpainting mask, and outside the mask the image is the host's."""
+    a_a_b = pair(forge, "forge-sd3m-a", "forge-sd35m-a")
+    hires = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6, hr_second_pass_steps=3,
+                 hr_cfg=5.0, hr_additional_modules=["Use same choices"])
+    alone = forge.txt2img(sd3(forge, "forge-sd35m-a", **hires))["images"][0]
+    res = forge.txt2img(sd3(forge, "forge-sd3m-a", **hires, alwayson_scripts=a_a_b))["images"][0]
+    assert image_from_b64(res).size == (96, 96)
+    assert forge.get("/delta-sampling/v1/status").json()["last_generation"]["passes"] == 2
+    assert_same_image(res, alone, "hires, DS(A, A, B) vs B")
+
+    init = forge.txt2img(sd3(forge, "forge-sd3m-a", "a house"))["images"][0]
+    i2i = dict(init_images=[init], denoising_strength=0.6)
+    forge.img2img(sd3(forge, "forge-sd35m-a", **i2i))  # warm-up: a first img2img differs (see the A1111 tier)
+    alone = forge.img2img(sd3(forge, "forge-sd35m-a", **i2i))["images"][0]
+    res = forge.img2img(sd3(forge, "forge-sd3m-a", **i2i, alwayson_scripts=a_a_b))["images"][0]
+    assert_same_image(res, alone, "img2img, DS(A, A, B) vs B")
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inpaint = dict(init_images=[init], mask=png_b64(mask), denoising_strength=0.9, inpainting_fill=1,
+                   inpaint_full_res=False, mask_blur=0, inpainting_mask_invert=0)
+    off = image_array(forge.img2img(sd3(forge, "forge-sd3m-a", **inpaint))["images"][0]).astype(int)
+    res = forge.img2img(sd3(forge, "forge-sd3m-a", **inpaint, alwayson_scripts=pair(
+        forge, "forge-sd3m-a", "forge-sd35m-a", scale=2.0)))
+    assert_only_the_masked_square_changed(res["images"][0], off, 16, 48, 4)
