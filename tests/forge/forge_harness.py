@@ -58,26 +58,13 @@ MISSING = forge_missing_reason()
 
 def ensure_forge_models(generator: Path = GENERATOR) -> h.TinyModels:
     """The Forge tier's fixtures (or, with ``generator`` = fixtures/make_forge_peer_models.py, the IP-Adapter peer's),
-    generated once and cached by the generators' contents."""
+    generated once with the A1111 webui's python and cached by the generators' contents."""
     sources = GENERATOR.read_bytes() + h.GENERATOR.read_bytes()
     if generator != GENERATOR:
         sources += generator.read_bytes()
     digest = hashlib.sha256(sources).hexdigest()[:16]
-    root = FORGE_CACHE / (digest if generator == GENERATOR else f"{generator.stem}-{digest}")
-    FORGE_CACHE.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    generated = False
-    with open(FORGE_CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "manifest.json").is_file():
-            root.mkdir(parents=True, exist_ok=True)
-            with open(root / "generate.log", "w") as log:
-                subprocess.run([str(h.WEBUI_PYTHON), str(generator), "--webui-dir", str(h.WEBUI_DIR), "--out",
-                                str(root)], check=True, cwd=h.WEBUI_DIR, env=h.webui_subprocess_env(), stdout=log,
-                               stderr=subprocess.STDOUT, timeout=1200)
-            generated = True
-    manifest = json.loads((root / "manifest.json").read_text())
-    return _models(root, manifest, generated, time.monotonic() - t0)
+    name = digest if generator == GENERATOR else f"{generator.stem}-{digest}"
+    return _cached(name, [str(h.WEBUI_PYTHON), str(generator), "--webui-dir", str(h.WEBUI_DIR)], h.WEBUI_DIR)
 
 
 def ensure_forge_sd3_models() -> h.TinyModels:
@@ -85,7 +72,13 @@ def ensure_forge_sd3_models() -> h.TinyModels:
     transformers with Forge's ``MMDiTX``), generated once and cached by the generator's contents. Their text encoders
     and VAE are separate files (``manifest["modules"]``), chosen per request as Forge's "VAE / Text Encoder"."""
     digest = hashlib.sha256(SD3_GENERATOR.read_bytes()).hexdigest()[:16]
-    root = FORGE_CACHE / f"sd3-{digest}"
+    return _cached(f"sd3-{digest}", [str(FORGE_PYTHON), str(SD3_GENERATOR), "--forge-dir", str(FORGE_DIR)],
+                   FORGE_DIR)
+
+
+def _cached(name: str, command: list[str], cwd: Path) -> h.TinyModels:
+    """Fixtures under ``FORGE_CACHE/name``, made by ``command --out DIR`` unless a manifest is there already."""
+    root = FORGE_CACHE / name
     FORGE_CACHE.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     generated = False
@@ -94,8 +87,7 @@ def ensure_forge_sd3_models() -> h.TinyModels:
         if not (root / "manifest.json").is_file():
             root.mkdir(parents=True, exist_ok=True)
             with open(root / "generate.log", "w") as log:
-                subprocess.run([str(FORGE_PYTHON), str(SD3_GENERATOR), "--out", str(root), "--forge-dir",
-                                str(FORGE_DIR)], check=True, cwd=FORGE_DIR, env=h.webui_subprocess_env(),
+                subprocess.run([*command, "--out", str(root)], check=True, cwd=cwd, env=h.webui_subprocess_env(),
                                stdout=log, stderr=subprocess.STDOUT, timeout=1200)
             generated = True
     manifest = json.loads((root / "manifest.json").read_text())

@@ -181,3 +181,22 @@ def test_hires_img2img_and_inpainting_on_an_sd3_target(forge):
     res = forge.img2img(sd3(forge, "forge-sd3m-a", **inpaint, alwayson_scripts=pair(
         forge, "forge-sd3m-a", "forge-sd35m-a", scale=2.0)))
     assert_only_the_masked_square_changed(res["images"][0], off, 16, 48, 4)
+
+
+def test_a_flux_source_is_refused_by_name_before_forge_builds_it(forge):
+    from test_delta_inputs import write_safetensors
+
+    path = forge.data_dir / "models" / "Stable-diffusion" / "zz-flux-dev.safetensors"
+    write_safetensors(path, ["double_blocks.0.img_attn.qkv.weight", "img_in.weight"])
+    try:
+        assert forge.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+        script = ds(scale=1.0, source="zz-flux-dev.safetensors", adapted=forge.models.title("forge-sd35m-a"))
+        r = forge.post("/sdapi/v1/txt2img", json=sd3(forge, "forge-sd3m-a", alwayson_scripts=script))
+        assert r.status_code == 422, r.text[:500]
+        detail = r.json()["detail"]
+        assert "zz-flux-dev.safetensors is a Flux-family checkpoint" in detail and "Chroma" in detail, detail
+        assert "zz-flux" not in str(forge.get("/delta-sampling/v1/status").json()["models"])  # nothing half-loaded
+        assert forge.txt2img(sd3(forge, "forge-sd3m-a"))["images"]
+    finally:
+        path.unlink(missing_ok=True)
+        forge.post("/sdapi/v1/refresh-checkpoints")
