@@ -208,7 +208,7 @@ def kohya_to_module(
         if index.family != family:
             raise LoraError(f"module index was built for family {index.family!r}, not {family!r}")
     elif module_names is None:
-        standard_module_paths(family)  # raises for families without a standard layout
+        _require_standard_layout(family)
         index = _standard_index(family)
     else:
         index = ModuleNameIndex(module_names, family)
@@ -439,10 +439,14 @@ def standard_module_paths(family: str) -> dict[str, str]:
 
     Derived from the ldm/sgm constructors (SD1.5 / SD2.x / SDXL base configs), no torch needed.
     """
-    if check_family(family) not in FAMILIES:
+    _require_standard_layout(check_family(family))
+    return dict(_standard_layout(family))
+
+
+def _require_standard_layout(family: str) -> None:
+    if family not in FAMILIES:
         raise LoraError(f"{family} models have no standard layout here (their sizes vary by model): resolve LoRA keys "
                         "against the model's own module names")
-    return dict(_standard_layout(family))
 
 
 @functools.cache

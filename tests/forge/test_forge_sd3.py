@@ -200,3 +200,4 @@ def test_a_flux_source_is_refused_by_name_before_forge_builds_it(forge):
     finally:
         path.unlink(missing_ok=True)
         forge.post("/sdapi/v1/refresh-checkpoints")
+
