@@ -201,3 +201,36 @@ def test_a_flux_source_is_refused_by_name_before_forge_builds_it(forge):
         path.unlink(missing_ok=True)
         forge.post("/sdapi/v1/refresh-checkpoints")
 
+
+def test_xyz_infotext_unload_and_units_on_an_sd3_pair(forge):
+    """As for the other families: an XYZ lambda axis, the infotext pasted back through Forge's own parser, the status
+    and unload routes (unloading sources that use the target's text encoders leaves the target's intact), and a
+    ControlNet unit on an SD3-family source refused by name."""
+    import json
+
+    from lib_delta import DeltaParams
+
+    plain = forge.txt2img(sd3(forge, "forge-sd3m-a"))["images"][0]
+    info = forge.get("/sdapi/v1/script-info").json()
+    names = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])["args"][0]["choices"]
+    script_args = [names.index("Delta scale"), "0, 1", [], 0, "", [], 0, "", [], True, True, False, False, False,
+                   False, False, 0, False]
+    res = forge.txt2img(sd3(forge, "forge-sd3m-a", script_name="x/y/z plot", script_args=script_args,
+                            alwayson_scripts=pair(forge, "forge-sd3m-a", "forge-sd35m-a", scale=0.5)))
+    images, texts = res["images"][1:], json.loads(res["info"])["infotexts"][1:]
+    assert len(images) == 2 and "Delta scale: 0.0," in texts[0] and "Delta scale: 1.0," in texts[1]
+    one = forge.txt2img(sd3(forge, "forge-sd3m-a", alwayson_scripts=pair(forge, "forge-sd3m-a", "forge-sd35m-a")))
+    assert same_bytes(images[0], plain) and same_bytes(images[1], one["images"][0])
+    parsed = forge.post("/sdapi/v1/png-info", json={"image": one["images"][0]}).json()["parameters"]
+    params = DeltaParams.from_infotext(parsed)
+    again = forge.txt2img(sd3(forge, "forge-sd3m-a", alwayson_scripts={"delta sampling": {"args": [params.as_dict()]}}))
+    assert same_bytes(again["images"][0], one["images"][0])
+
+    control = pair(forge, "forge-sd3m-a", controlnet=[{"model": "control_forge_sd15", "image": plain}])
+    r = forge.post("/sdapi/v1/txt2img", json=sd3(forge, "forge-sd3m-a", alwayson_scripts=control))
+    assert r.status_code == 422 and "no ControlNet or IP-Adapter units on SD3-family sources" in r.json()["detail"]
+
+    assert forge.post("/delta-sampling/v1/unload").json()["unloaded"] >= 2
+    assert same_bytes(forge.txt2img(sd3(forge, "forge-sd3m-a"))["images"][0], plain)  # the target's encoders intact
+    again = forge.txt2img(sd3(forge, "forge-sd3m-a", alwayson_scripts=pair(forge, "forge-sd3m-a", "forge-sd35m-a")))
+    assert same_bytes(again["images"][0], one["images"][0])
