@@ -212,15 +212,16 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Forg
     keys = _checkpoint_keys(info.filename)
     if any(".double_blocks.0." in k or k.startswith("double_blocks.0.") for k in keys):
         raise SourceModelError(f"{info.name} is a Flux-family checkpoint. {FLUX_REFUSAL}")
-    if _is_mmdit(keys):
+    mmdit = _is_mmdit(keys)
+    if mmdit:
         _refuse_for_target(info)
-    modules = _modules_for(info, keys)
+    modules = _modules_for(keys) if mmdit else []
     try:
         with torch.inference_mode():
             engine = forge_loader(info.filename, additional_state_dicts=modules or None)
     except Exception as exc:
         hint = ""
-        if _is_mmdit(keys) and not modules:
+        if mmdit and not modules:
             hint = ("; it holds no text encoders or VAE, which Forge needs for every SD3-family model: choose them in "
                     "Forge's \"VAE / Text Encoder\" menu (the source gets the target's choice)")
         raise SourceModelError(
@@ -239,7 +240,7 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Forg
     for objects in (engine.forge_objects, engine.forge_objects_original, engine.forge_objects_after_applying_lora):
         objects.vae = None  # DS never decodes with a source model
     engine.sd_checkpoint_info = info
-    text_encoder_files = _share_text_encoders(engine, keys, modules) if family == "sd3" else None
+    text_encoder_files, borrowed = _share_text_encoders(engine, keys, modules) if family == "sd3" else (None, False)
     unet = engine.forge_objects.unet.model.diffusion_model
     text_roots = {"sdxl": "conditioner", "sd3": "text_encoders"}
     checkpoint = ForgeCheckpoint(
@@ -249,7 +250,7 @@ def load_checkpoint(info: Any, device: torch.device, dtype: torch.dtype) -> Forg
         lora_view=_lora_view(engine, family),
         unet_kwargs=_constructor_kwargs(unet),
         text_encoder_files=text_encoder_files,
-        borrowed_text_encoders=text_encoder_files is not None and _target_uses_text_encoders_of(text_encoder_files),
+        borrowed_text_encoders=borrowed,
     )
     return checkpoint
 
@@ -292,11 +293,9 @@ def _target_modules() -> list[str]:
     return list(sd_models.model_data.forge_loading_parameters.get("additional_modules", None) or [])
 
 
-def _modules_for(info: Any, keys: list[str]) -> list[str]:
+def _modules_for(keys: list[str]) -> list[str]:
     """The extra files an SD3-family source is built with: none when the checkpoint holds its text encoders and VAE,
     else the target's menu choices (Forge builds every SD3 engine with CLIP-L, CLIP-G, T5 and a VAE)."""
-    if not _is_mmdit(keys):
-        return []
     complete = (any(k.startswith("text_encoders.") for k in keys)
                 and any(k.startswith("first_stage_model.") for k in keys))
     return [] if complete else _target_modules()
@@ -315,20 +314,22 @@ def _target_uses_text_encoders_of(files: tuple[str, ...]) -> bool:
     return bool(keys) and not any(k.startswith("text_encoders.") for k in keys)
 
 
-def _share_text_encoders(engine: Any, keys: list[str], modules: list[str]) -> tuple[str, ...] | None:
+def _share_text_encoders(engine: Any, keys: list[str], modules: list[str]) -> tuple[tuple[str, ...] | None, bool]:
     """Let an SD3-family source use the target's text encoders when both take them from the same files (neither
     checkpoint holds text encoders of its own, the same menu choices): the conditioning is then the target's, and one
     copy of CLIP-L/G and T5 (10 GB in bf16 with a real T5) stays in memory instead of two; the source's own copy is
     dropped at once. Returns the files when the source's text encoders come from them alone (then each generation
-    borrows the current target's again: :meth:`ForgeCheckpoint.prepare_for_target`), else None."""
+    borrows the current target's again: :meth:`ForgeCheckpoint.prepare_for_target`), else None; and whether they are
+    borrowed now."""
     if not modules or any(k.startswith("text_encoders.") for k in keys):
-        return None
+        return None, False
     files = tuple(modules)
-    if _target_uses_text_encoders_of(files):
-        own = engine.forge_objects.clip
-        _borrow_target_text_encoders(engine)
-        own.cond_stage_model.to(device="meta")
-    return files
+    if not _target_uses_text_encoders_of(files):
+        return files, False
+    own = engine.forge_objects.clip
+    _borrow_target_text_encoders(engine)
+    own.cond_stage_model.to(device="meta")
+    return files, True
 
 
 def _borrow_target_text_encoders(engine: Any) -> None:
